@@ -1,0 +1,34 @@
+"""Named defaults of the method and the service, in one place.
+
+The method's values follow Sheikh & Schultz (MIDL 2022) §2 unless a comment says otherwise.
+"""
+
+# Network (paper §2.1, Shirokikh et al. 2020).
+BASE_CHANNELS = 16  # M: feature maps of the full-resolution init path
+INIT_RES_BLOCKS = 3  # pre-activation residual blocks in the init path
+LEVELS = 3  # downsampling levels
+EARLY_HEAD_CHANNELS = (12, 8)  # early-features segmentor: M -> 12 -> 8 -> C
+PAD_MULTIPLE = 2**LEVELS  # in-plane size must be divisible by this
+
+# Source training (paper §2.1: cross-entropy, Adam, lr 1e-3, no augmentation).
+TRAIN_LR = 1e-3
+TRAIN_EPOCHS = 30
+HEAD_EPOCHS = 10
+TRAIN_BATCH_SIZE = 16
+VALIDATION_FRACTION = 0.2
+SEED = 0
+
+# Refinement (paper §2.2).
+REFINE_LR = 1e-3
+REFINE_BATCH_SIZE = 20  # slices per step, as in the authors' code
+REFINE_MAX_EPOCHS = 10
+REFINE_STOP_DELTA = 0.005  # stop when Dice(early, final) changes by less than this
+
+# Evaluation.
+SURFACE_TOLERANCE_MM = 1.0  # surface Dice tolerance (paper §3.1)
+
+# Input limits: refuse volumes that would exhaust memory before reading them.
+MAX_VOXELS = 512 * 512 * 512
+MIN_SPATIAL_SIZE = 2
+
+HOME = "./var"
