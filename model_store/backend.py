@@ -1,0 +1,190 @@
+"""The storage interface of the model store, and its filesystem implementation.
+
+The stores (base models, site deltas) only speak :class:`StorageBackend`, so an object-storage
+backend can follow without touching them. Keys are ``/``-separated relative paths whose parts
+are plain names (no ``.``/``..``, no leading dot: hidden names belong to the backend's own
+temporary files). The contract, per operation:
+
+- ``read(key)``: the whole object, or :class:`ModelStoreError` when it is missing/unreadable.
+- ``write(key, data)``: atomic replace; a reader sees the old object or the whole new one.
+- ``create_exclusive(prefix, files)``: publish a set of files under ``prefix`` all at once,
+  only if ``prefix`` does not exist yet; ``False`` when it does (lost a compare-and-set). On
+  object storage: upload the files, then a conditional put (``If-None-Match: *``) of a marker.
+- ``children(prefix)``: names directly under ``prefix`` (sorted; ``[]`` when there is none).
+- ``delete(prefix)``: remove an object or everything under a prefix; ``False`` if none.
+
+:class:`FilesystemBackend` is safe when several processes on one or more machines share the
+directory (NFS included): files are written to a temporary name, fsynced and renamed; a
+version directory is filled under a temporary name and renamed into place, and ``rename``
+onto an existing directory fails, which makes publishing a compare-and-set on the name.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from model_store.files import fsync_dir, staging_dir, write_bytes_atomic
+from sitefit.exceptions import ModelStoreError
+
+
+class StorageBackend(Protocol):
+    """Byte storage addressed by ``/``-separated keys (see the module docstring)."""
+
+    def read(self, key: str) -> bytes: ...
+
+    def write(self, key: str, data: bytes) -> None: ...
+
+    def create_exclusive(self, prefix: str, files: Mapping[str, bytes]) -> bool: ...
+
+    def children(self, prefix: str = "") -> list[str]: ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def delete(self, prefix: str) -> bool: ...
+
+    def describe(self, key: str = "") -> str:
+        """Where ``key`` lives, for messages (a path, a URL)."""
+        ...
+
+
+def split_key(key: str) -> list[str]:
+    """The parts of a key; refuses anything that could leave the store or hit hidden files."""
+    if key == "":
+        return []
+    parts = key.split("/")
+    for part in parts:
+        if not part or part in (".", "..") or part.startswith(".") or "\\" in part or "\0" in part:
+            raise ValueError(f"invalid storage key {key!r}")
+    return parts
+
+
+class FilesystemBackend:
+    """A :class:`StorageBackend` on a (possibly shared, NFS) directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def path(self, key: str) -> Path:
+        return self.root.joinpath(*split_key(key))
+
+    def describe(self, key: str = "") -> str:
+        return str(self.path(key))
+
+    def read(self, key: str) -> bytes:
+        path = self.path(key)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise ModelStoreError(f"{path}: missing") from None
+        except OSError as error:
+            raise ModelStoreError(f"{path}: unreadable ({error.strerror})") from None
+
+    def write(self, key: str, data: bytes) -> None:
+        if not split_key(key):
+            raise ValueError("cannot write to the store root")
+        try:
+            write_bytes_atomic(self.path(key), data)
+        except OSError as error:
+            raise ModelStoreError(f"{self.path(key)}: cannot write ({error.strerror})") from None
+
+    def create_exclusive(self, prefix: str, files: Mapping[str, bytes]) -> bool:
+        """Publish ``files`` (flat names) as the directory ``prefix``, unless it exists."""
+        parts = split_key(prefix)
+        if not parts or not files:
+            raise ValueError("create_exclusive needs a non-empty prefix and at least one file")
+        for name in files:
+            if len(split_key(name)) != 1:
+                raise ValueError(f"invalid file name {name!r}: one key part expected")
+        target = self.path(prefix)
+        if target.exists():
+            return False
+        try:
+            with staging_dir(target.parent) as staged:
+                for name, data in files.items():
+                    _write_durable(staged / name, data)
+                fsync_dir(staged)
+                return _publish(staged, target)
+        except OSError as error:
+            raise ModelStoreError(f"{target}: cannot publish ({error.strerror})") from None
+
+    def children(self, prefix: str = "") -> list[str]:
+        directory = self.path(prefix)
+        try:
+            names = [entry.name for entry in os.scandir(directory)]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        except OSError as error:
+            raise ModelStoreError(f"{directory}: cannot list ({error.strerror})") from None
+        return sorted(name for name in names if not name.startswith("."))
+
+    def exists(self, key: str) -> bool:
+        return self.path(key).exists()
+
+    def delete(self, prefix: str) -> bool:
+        """Remove a file or a whole directory; readers never see half of a directory.
+
+        A directory is first renamed to a hidden tombstone (atomic, so it vanishes from
+        listings at once), then removed; what cannot be removed (e.g. ``.nfs*`` files held
+        open on another machine) stays hidden and is ignored by every listing.
+        """
+        parts = split_key(prefix)
+        if not parts:
+            raise ValueError("refusing to delete the store root")
+        target = self.path(prefix)
+        try:
+            if target.is_dir():
+                tomb = target.with_name(f".deleted-{target.name}-{uuid.uuid4().hex}")
+                os.rename(target, tomb)
+                fsync_dir(target.parent)
+                shutil.rmtree(tomb, ignore_errors=True)
+                return True
+            target.unlink()
+        except FileNotFoundError:
+            return False
+        except OSError as error:
+            raise ModelStoreError(f"{target}: cannot delete ({error.strerror})") from None
+        fsync_dir(target.parent)
+        return True
+
+
+def _write_durable(path: Path, data: bytes) -> None:
+    with open(path, "xb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _publish(staged: Path, target: Path) -> bool:
+    """Rename ``staged`` to ``target``: ``True`` if we did, ``False`` if ``target`` was taken."""
+    try:
+        os.rename(staged, target)
+    except OSError as error:
+        if not staged.exists() and target.exists():
+            # NFS: a retransmitted rename whose first attempt succeeded; the private staging
+            # directory can only have moved by our own rename.
+            fsync_dir(target.parent)
+            return True
+        # the server refuses to rename onto an existing non-empty directory: trust its errno
+        # rather than a (possibly cached) lookup of the target
+        if error.errno in (errno.EEXIST, errno.ENOTEMPTY) or target.exists():
+            return False
+        raise
+    fsync_dir(target.parent)
+    return True
+
+
+def backend_of(location: StorageBackend | Path | str) -> StorageBackend:
+    """A backend for a path (``FilesystemBackend``), or the backend itself."""
+    if isinstance(location, (Path, str)):
+        return FilesystemBackend(Path(location))
+    return location
+
+
+if TYPE_CHECKING:
+    _conforms: type[StorageBackend] = FilesystemBackend

@@ -1,0 +1,119 @@
+"""Base models: source-trained U-Net + early head, versioned, verified on every read.
+
+Layout under the registry's root (``$SITEFIT_HOME/models``)::
+
+    NAME/VERSION/weights.safetensors   tensors as numpy arrays (safetensors, no pickle)
+    NAME/VERSION/spec.json             ModelSpec, with the weights' sha256
+
+A version is published with the backend's ``create_exclusive`` (staged, then renamed into
+place), so a reader never sees a half-registered model and two registrations never share a
+version number.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from pydantic import ValidationError
+from safetensors.numpy import load as load_tensors
+from safetensors.numpy import save as save_tensors
+
+from model_store.backend import StorageBackend, backend_of
+from model_store.files import sha256_bytes
+from model_store.spec import NAME_PATTERN, ModelSpec, check_name
+from sitefit.exceptions import InvalidInputError, ModelNotFoundError, ModelStoreError
+
+WEIGHTS_FILE = "weights.safetensors"
+SPEC_FILE = "spec.json"
+Tensors = dict[str, np.ndarray]
+
+
+def parse_model_ref(ref: str) -> tuple[str, int | None]:
+    """``"brain"`` -> (brain, None: latest); ``"brain@3"`` -> (brain, 3)."""
+    name, _, version = ref.partition("@")
+    try:
+        check_name("model", name)
+    except ValueError as error:
+        raise InvalidInputError(str(error)) from None
+    if not version or version == "latest":
+        return name, None
+    if not version.isdigit() or int(version) < 1:
+        raise InvalidInputError(f"invalid model version {version!r}: expected a positive integer")
+    return name, int(version)
+
+
+def version_numbers(names: list[str]) -> list[int]:
+    """The positive integers among directory names, sorted."""
+    return sorted(int(n) for n in names if n.isdigit() and not n.startswith("0"))
+
+
+class BaseModelRegistry:
+    """Register, resolve and load base models under a backend (or a directory)."""
+
+    def __init__(self, root: StorageBackend | Path) -> None:
+        self.backend = backend_of(root)
+
+    def names(self) -> list[str]:
+        return [name for name in self.backend.children() if self.versions(name)]
+
+    def versions(self, name: str) -> list[int]:
+        if not NAME_PATTERN.fullmatch(name):
+            return []
+        return version_numbers(self.backend.children(name))
+
+    def register(self, spec: ModelSpec, tensors: Tensors) -> ModelSpec:
+        """Store ``tensors`` as the next version of ``spec.name``; returns the stored spec."""
+        return self.register_payload(spec, save_tensors(tensors))
+
+    def register_payload(self, spec: ModelSpec, payload: bytes) -> ModelSpec:
+        """Store an already serialised safetensors file, byte for byte, as the next version."""
+        checksum = sha256_bytes(payload)
+        while True:
+            version = max(self.versions(spec.name), default=0) + 1
+            stored = spec.model_copy(update={"version": version, "sha256": checksum})
+            files = {WEIGHTS_FILE: payload, SPEC_FILE: stored.model_dump_json(indent=2).encode()}
+            if self.backend.create_exclusive(f"{spec.name}/{version}", files):
+                return stored
+            # another process published this version first: take the next number
+
+    def spec(self, ref: str) -> ModelSpec:
+        """The spec of ``NAME`` (latest) or ``NAME@VERSION``."""
+        name, version = parse_model_ref(ref)
+        versions = self.versions(name)
+        if not versions:
+            known = ", ".join(self.names()) or "none registered"
+            raise ModelNotFoundError(f"unknown model {name!r} (available: {known})")
+        if version is None:
+            version = versions[-1]
+        elif version not in versions:
+            raise ModelNotFoundError(f"model {name!r} has no version {version} (has {versions})")
+        raw = self.backend.read(f"{name}/{version}/{SPEC_FILE}")
+        try:
+            spec = ModelSpec.model_validate_json(raw)
+        except ValidationError as error:
+            raise ModelStoreError(
+                f"model {name}@{version}: unreadable spec ({error.error_count()} error(s))"
+            ) from None
+        if (spec.name, spec.version) != (name, version):
+            raise ModelStoreError(f"model {name}@{version}: spec names {spec.name}@{spec.version}")
+        return spec
+
+    def payload(self, spec: ModelSpec) -> bytes:
+        """The verified bytes of a resolved spec's weights file."""
+        payload = self.backend.read(f"{spec.name}/{spec.version}/{WEIGHTS_FILE}")
+        if sha256_bytes(payload) != spec.sha256:
+            raise ModelStoreError(
+                f"model {spec.name}@{spec.version}: weights fail their checksum (corrupt file)"
+            )
+        return payload
+
+    def tensors(self, spec: ModelSpec) -> Tensors:
+        """Load and verify the weights of a resolved spec."""
+        payload = self.payload(spec)
+        try:
+            return load_tensors(payload)
+        except Exception as error:  # safetensors raises its own error types
+            raise ModelStoreError(
+                f"model {spec.name}@{spec.version}: unreadable weights ({type(error).__name__})"
+            ) from None

@@ -1,0 +1,71 @@
+"""The JSON description of a base model, stored beside its weights (no torch here)."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_name(kind: str, name: str) -> str:
+    """Model and site names become directory names: allow a safe, small alphabet only."""
+    if not NAME_PATTERN.fullmatch(name):
+        raise ValueError(
+            f"invalid {kind} name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+class Architecture(BaseModel):
+    num_outputs: int = Field(ge=1, description="1: binary (sigmoid); C: softmax over C classes")
+    base_channels: int = Field(ge=1)
+    levels: int = Field(ge=1)
+    res_blocks: int = Field(ge=1)
+
+
+class TrainingInfo(BaseModel):
+    dataset_name: str
+    dataset_fingerprint: str = Field(description="sha256 over the training files' names and bytes")
+    train_cases: list[str]
+    validation_cases: list[str]
+    epochs: int
+    head_epochs: int
+    learning_rate: float
+    batch_size: int
+    seed: int
+    seconds: float
+
+
+class Validation(BaseModel):
+    """Mean volumetric Dice on the held-out source cases (foreground classes averaged)."""
+
+    dice_final: float | None
+    dice_early: float | None
+
+
+class ModelSpec(BaseModel):
+    name: str
+    version: int = Field(ge=1)
+    created: datetime
+    sitefit_version: str
+    classes: dict[int, str] = Field(description="label value -> class name, 0 is background")
+    architecture: Architecture
+    slice_axis: int = Field(ge=0, le=2, description="canonical (RAS) axis the 2D model slices")
+    normalization: Literal["minmax"] = "minmax"
+    training: TrainingInfo
+    validation: Validation
+    sha256: str = Field(description="sha256 of weights.safetensors")
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, value: str) -> str:
+        return check_name("model", value)
+
+    @property
+    def foreground(self) -> dict[int, str]:
+        return {k: v for k, v in self.classes.items() if k != 0}

@@ -1,0 +1,85 @@
+"""BaseModelRegistry on the storage backend: versions, resolution, verified reads."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model_store.backend import FilesystemBackend
+from model_store.base_models import BaseModelRegistry
+from model_store.spec import ModelSpec
+from sitefit.exceptions import InvalidInputError, ModelNotFoundError, ModelStoreError
+
+SpecFactory = Callable[..., ModelSpec]
+TensorFactory = Callable[[int], dict[str, np.ndarray]]
+
+
+def test_register_versions_and_resolve(
+    tmp_path: Path, make_spec: SpecFactory, make_tensors: TensorFactory
+) -> None:
+    registry = BaseModelRegistry(tmp_path)
+    first = registry.register(make_spec("brain"), make_tensors(1))
+    second = registry.register(make_spec("brain"), make_tensors(2))
+    registry.register(make_spec("heart", num_outputs=4), make_tensors(3))
+    assert (first.version, second.version) == (1, 2)
+    assert registry.names() == ["brain", "heart"]
+    assert registry.versions("brain") == [1, 2]
+    assert registry.spec("brain") == second
+    assert registry.spec("brain@latest") == second
+    assert registry.spec("brain@1") == first
+    loaded = registry.tensors(registry.spec("brain@1"))
+    for key, value in make_tensors(1).items():
+        assert np.array_equal(loaded[key], value) and loaded[key].dtype == value.dtype
+    assert (tmp_path / "brain" / "2" / "weights.safetensors").is_file()
+
+
+def test_registry_accepts_a_backend(
+    tmp_path: Path, make_spec: SpecFactory, make_tensors: TensorFactory
+) -> None:
+    registry = BaseModelRegistry(FilesystemBackend(tmp_path / "models"))
+    spec = registry.register(make_spec(), make_tensors(0))
+    assert BaseModelRegistry(tmp_path / "models").spec("brain") == spec
+
+
+def test_unknown_models_and_bad_refs(
+    tmp_path: Path, make_spec: SpecFactory, make_tensors: TensorFactory
+) -> None:
+    registry = BaseModelRegistry(tmp_path)
+    with pytest.raises(ModelNotFoundError, match="none registered"):
+        registry.spec("brain")
+    registry.register(make_spec(), make_tensors(0))
+    with pytest.raises(ModelNotFoundError, match="no version 7"):
+        registry.spec("brain@7")
+    for bad in ("../brain", "brain@0", "brain@x", ""):
+        with pytest.raises(InvalidInputError):
+            registry.spec(bad)
+    assert registry.versions("../brain") == []
+
+
+def test_corrupt_weights_are_detected(
+    tmp_path: Path, make_spec: SpecFactory, make_tensors: TensorFactory
+) -> None:
+    registry = BaseModelRegistry(tmp_path)
+    spec = registry.register(make_spec(), make_tensors(0))
+    path = tmp_path / "brain" / "1" / "weights.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelStoreError, match="checksum"):
+        registry.tensors(spec)
+    path.unlink()
+    with pytest.raises(ModelStoreError, match="missing"):
+        registry.tensors(spec)
+
+
+def test_corrupt_spec_is_a_store_error(
+    tmp_path: Path, make_spec: SpecFactory, make_tensors: TensorFactory
+) -> None:
+    registry = BaseModelRegistry(tmp_path)
+    registry.register(make_spec(), make_tensors(0))
+    (tmp_path / "brain" / "1" / "spec.json").write_text("{not json")
+    with pytest.raises(ModelStoreError, match="unreadable spec"):
+        registry.spec("brain")
