@@ -24,6 +24,16 @@ REFINE_BATCH_SIZE = 20  # slices per step, as in the authors' code
 REFINE_MAX_EPOCHS = 10
 REFINE_STOP_DELTA = 0.005  # stop when Dice(early, final) changes by less than this
 
+# Site policy: use cached site weights as they are when their self-consistency on the scan
+# is at least this (chosen on the phantom benchmark, docs/benchmarks.md).
+AUTO_THRESHOLD = 0.9
+MODEL_CACHE_BYTES = 2 * 1024**3
+
+# Guard (docs/method.md): revert a refinement whose final mask moved too far from the
+# starting model's, measured by signals the refinement loss does not optimise.
+GUARD_MAX_VOLUME_CHANGE = 1.0  # relative change of any class's predicted volume
+GUARD_MIN_AGREEMENT = 0.5  # Dice(start final mask, refined final mask)
+
 # Evaluation.
 SURFACE_TOLERANCE_MM = 1.0  # surface Dice tolerance (paper §3.1)
 

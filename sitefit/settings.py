@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sitefit import defaults
@@ -33,6 +35,21 @@ class Settings(BaseSettings):
     )
     max_voxels: int = Field(default=defaults.MAX_VOXELS, ge=1)
 
+    # Site policy and guard (engine).
+    auto_threshold: float = Field(
+        default=defaults.AUTO_THRESHOLD,
+        ge=0,
+        le=1,
+        description="mode auto uses a site's cached weights as they are when their "
+        "self-consistency (Dice early vs final) on the scan is at least this",
+    )
+    model_cache_bytes: int = Field(
+        default=defaults.MODEL_CACHE_BYTES, ge=0, description="warm site-model cache budget"
+    )
+    guard: bool = Field(default=True, description="revert refinements the guard judges harmful")
+    guard_max_volume_change: float = Field(default=defaults.GUARD_MAX_VOLUME_CHANGE, gt=0)
+    guard_min_agreement: float = Field(default=defaults.GUARD_MIN_AGREEMENT, ge=0, le=1)
+
     @field_validator("device")
     @classmethod
     def _device_known(cls, value: str | None) -> str | None:
@@ -47,3 +64,68 @@ class Settings(BaseSettings):
     @property
     def sites_dir(self) -> Path:
         return self.home / "sites"
+
+    # --- Service: HTTP API, job queue, workers, job data (issue 4) --------------------------
+    # Read by `sitefit serve` / `sitefit worker`; the engine and the CLI ignore them.
+    host: str = Field(default="127.0.0.1", description="Address `sitefit serve` binds to.")
+    port: int = Field(default=8000, ge=1, le=65535, description="Port of `sitefit serve`.")
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis of the RQ job queue (redis://HOST:PORT/DB); unset: embedded mode, "
+        "`sitefit serve` runs jobs on an in-process worker thread.",
+    )
+    api_keys: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description='JSON {"KEY": ["site-a", ...] or ["*"]}: the sites each API key may use. '
+        "Empty: no authentication, and the server only binds to loopback.",
+    )
+    queue_name: str = Field(default="sitefit", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    job_timeout_s: int = Field(default=3600, ge=1, description="A job running longer fails.")
+    job_retries: int = Field(
+        default=1, ge=0, le=5, description="Re-runs of a job whose worker died (kill -9, crash)."
+    )
+    job_retention_s: int = Field(
+        default=7 * 24 * 3600, ge=1, description="Job data is deleted this long after the end."
+    )
+    max_upload_bytes: int = Field(default=2 * 1024**3, ge=1024, description="Per request.")
+    worker_heartbeat_s: int = Field(
+        default=10, ge=1, le=600, description="A job whose worker is silent 3x this long is dead."
+    )
+    maintenance_interval_s: float = Field(
+        default=5.0, gt=0, description="How often the API reaps dead jobs and expired data."
+    )
+
+    @field_validator("api_keys")
+    @classmethod
+    def _api_keys_valid(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for key, sites in value.items():
+            if len(key) < 16 or not key.isascii() or not key.isprintable() or " " in key:
+                raise ValueError("each API key must be at least 16 printable ASCII characters")
+            if not sites:
+                raise ValueError("each API key needs a list of sites (or [\"*\"] for all)")
+            for site in sites:
+                if site != "*" and not SITE_NAME.fullmatch(site):
+                    raise ValueError(f"API key sites must be valid site names, not {site!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _refuse_open_network_binding(self) -> Settings:
+        if not self.api_keys and not is_loopback(self.host):
+            raise ValueError(
+                f"host {self.host!r} is not a loopback address and no API keys are configured: "
+                "set SITEFIT_API_KEYS, or bind to 127.0.0.1"
+            )
+        return self
+
+
+SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback IP addresses (127.0.0.0/8, ::1)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

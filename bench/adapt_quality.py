@@ -1,0 +1,327 @@
+"""Quality benchmark on the scanner phantoms: the paper's Tables 1-3 for sitefit's engine.
+
+For each task: train a base model on the source domain, then on every domain
+- one-shot (Table 2): refine on each test scan alone, through the product's ``Engine``,
+  for each batch-norm option;
+- refine on N (Table 1): refine once on all N test scans of the domain, evaluate on them;
+- fixed adapted model (Table 3): that model, no further refinement, on unseen scans.
+Figures are surface Dice at 1 mm against the phantom's ground truth (mean over foreground
+classes), plus volumetric Dice. Results go to ``docs/benchmarks.md`` (between markers) and a
+JSON file. Usage::
+
+    python bench/adapt_quality.py                 # full run (tens of minutes on 2 CPU cores)
+    python bench/adapt_quality.py --quick         # small smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.report_file import replace_section  # noqa: E402
+from model_store.base_models import BaseModelRegistry  # noqa: E402
+from model_store.spec import ModelSpec  # noqa: E402
+from sitefit.exceptions import ModelNotFoundError  # noqa: E402
+from sitefit.metrics import overlap_per_class  # noqa: E402
+from sitefit.phantoms import DOMAINS, write_dataset  # noqa: E402
+from sitefit.settings import Settings  # noqa: E402
+from sitefit.volume import load_label_map, load_scan  # noqa: E402
+from worker.engine import Engine, SegmentRequest  # noqa: E402
+from worker.inference import foreground_dice, predict  # noqa: E402
+from worker.preprocess import PreparedScan, prepare_scan  # noqa: E402
+from worker.refinement import refine  # noqa: E402
+from worker.training import TrainConfig, train_base_model  # noqa: E402
+
+TEST_SEED, UNSEEN_SEED = 1000, 2000
+
+
+@dataclass
+class Case:
+    image: Path
+    label: Path
+
+
+@dataclass
+class DomainResult:
+    domain: str
+    role: str
+    base: list[float] = field(default_factory=list)
+    base_dice: list[float] = field(default_factory=list)
+    one_shot: dict[str, list[float]] = field(default_factory=dict)
+    one_shot_dice: dict[str, list[float]] = field(default_factory=dict)
+    one_shot_epochs: dict[str, list[int]] = field(default_factory=dict)
+    one_shot_seconds: dict[str, list[float]] = field(default_factory=dict)
+    refine_on_n: list[float] = field(default_factory=list)
+    unseen_base: list[float] = field(default_factory=list)
+    unseen_fixed: list[float] = field(default_factory=list)
+
+
+def cases(task: str, domain: str, n: int, seed: int, fov: float, work: Path) -> list[Case]:
+    out = write_dataset(task, domain, n, seed, work / "data" / f"{task}-{domain}-{seed}-{n}", fov)
+    images = sorted((out / "imagesTr").glob("*_0000.nii.gz"))
+    labels = sorted((out / "labelsTr").glob("*.nii.gz"))
+    return [Case(i, lab) for i, lab in zip(images, labels, strict=True)]
+
+
+def base_model(task: str, args: argparse.Namespace, registry: BaseModelRegistry) -> ModelSpec:
+    name = f"bench-{task}"
+    source = next(n for n, d in DOMAINS.items() if d.role == "source")
+    config = TrainConfig(epochs=args.epochs, head_epochs=args.head_epochs, seed=args.seed)
+    data = write_dataset(
+        task,
+        source,
+        args.n_train,
+        args.seed,
+        args.work / "data" / f"{task}-{source}-train",
+        args.fov_mm,
+    )
+    try:
+        spec = registry.spec(name)
+        if (
+            spec.training.epochs,
+            spec.training.head_epochs,
+            len(spec.training.train_cases) + len(spec.training.validation_cases),
+        ) == (args.epochs, args.head_epochs, args.n_train):
+            print(f"[{task}] reusing base model {name}@{spec.version}", flush=True)
+            return spec
+    except ModelNotFoundError:
+        pass
+    print(f"[{task}] training base model on {args.n_train} {source} subjects", flush=True)
+    return train_base_model(
+        data,
+        name,
+        config,
+        registry,
+        torch.device("cpu"),
+        log=lambda line: print(f"[{task}]   {line}", flush=True),
+    )
+
+
+def mean_sdice(
+    spec: ModelSpec, labels: np.ndarray, reference: np.ndarray, spacing: tuple[float, float, float]
+) -> tuple[float, float]:
+    foreground = {k: v for k, v in spec.classes.items() if k}
+    figures = overlap_per_class(labels, reference, foreground, spacing, 1.0)
+    sd = [f["surface_dice"] for f in figures.values() if f["surface_dice"] is not None]
+    di = [f["dice"] for f in figures.values() if f["dice"] is not None]
+    return float(np.mean(sd)) if sd else 0.0, float(np.mean(di)) if di else 0.0
+
+
+def evaluate(engine: Engine, spec: ModelSpec, net: torch.nn.Module, case: Case) -> float:
+    scan = load_scan(case.image, engine.settings.max_voxels)
+    prepared = prepare_scan(scan, spec.slice_axis, engine.device)
+    prediction = predict(net, prepared.slices, engine.settings.refine_batch_size)  # type: ignore[arg-type]
+    reference = load_label_map(case.label, like=scan)
+    return mean_sdice(spec, prepared.volume(prediction.final), reference, scan.spacing_mm)[0]
+
+
+def refine_on_many(engine: Engine, spec: ModelSpec, test: list[Case]) -> torch.nn.Module:
+    """Table 1's setting: one refinement on the slices of all of a domain's test scans."""
+    prepared: list[PreparedScan] = [
+        prepare_scan(load_scan(c.image, engine.settings.max_voxels), spec.slice_axis, engine.device)
+        for c in test
+    ]
+    height = max(p.slices.shape[2] for p in prepared)
+    width = max(p.slices.shape[3] for p in prepared)
+    stack = torch.cat(
+        [
+            torch.nn.functional.pad(
+                p.slices, (0, width - p.slices.shape[3], 0, height - p.slices.shape[2])
+            )
+            for p in prepared
+        ]
+    )
+    net = engine.base_net(spec)
+    base = predict(net, stack, engine.settings.refine_batch_size)
+    classes = len(spec.classes)
+    refine(
+        net,
+        stack,
+        classes,
+        foreground_dice(base.early, base.final, classes),
+        engine.refine_config(),
+    )
+    return net
+
+
+def run_task(task: str, args: argparse.Namespace) -> list[DomainResult]:
+    home = args.work / "home"
+    registry = BaseModelRegistry(home / "models")
+    spec = base_model(task, args, registry)
+    results = []
+    for domain_name, domain in DOMAINS.items():
+        result = DomainResult(domain_name, domain.role)
+        test = cases(task, domain_name, args.n_test, TEST_SEED, args.fov_mm, args.work)
+        for mode in args.batchnorm:
+            settings = Settings(
+                home=home, device="cpu", refine_batchnorm=mode, refine_max_epochs=args.refine_epochs
+            )
+            engine = Engine(settings, registry)
+            for case in test:
+                tick = time.perf_counter()
+                report = engine.run(
+                    SegmentRequest(case.image, spec.name, domain_name, "adapt", case.label)
+                ).report
+                assert report.reference is not None
+                if mode == args.batchnorm[0]:
+                    result.base.append(report.reference.before.surface_dice or 0.0)
+                    result.base_dice.append(report.reference.before.dice or 0.0)
+                result.one_shot.setdefault(mode, []).append(
+                    report.reference.after.surface_dice or 0.0
+                )
+                result.one_shot_dice.setdefault(mode, []).append(report.reference.after.dice or 0.0)
+                result.one_shot_epochs.setdefault(mode, []).append(report.refinement.epochs)
+                result.one_shot_seconds.setdefault(mode, []).append(time.perf_counter() - tick)
+        print(
+            f"[{task}] {domain_name:6s} base {np.mean(result.base):.3f}  one-shot "
+            + "  ".join(f"{m}: {np.mean(v):.3f}" for m, v in result.one_shot.items()),
+            flush=True,
+        )
+        if not args.skip_tables13:
+            settings = Settings(
+                home=home,
+                device="cpu",
+                refine_batchnorm=args.batchnorm[0],
+                refine_max_epochs=args.refine_epochs,
+            )
+            engine = Engine(settings, registry)
+            adapted = refine_on_many(engine, spec, test)
+            result.refine_on_n = [evaluate(engine, spec, adapted, c) for c in test]
+            unseen = cases(task, domain_name, args.n_unseen, UNSEEN_SEED, args.fov_mm, args.work)
+            base_net = engine.base_net(spec)
+            result.unseen_base = [evaluate(engine, spec, base_net, c) for c in unseen]
+            result.unseen_fixed = [evaluate(engine, spec, adapted, c) for c in unseen]
+            print(
+                f"[{task}] {domain_name:6s} refine-on-{len(test)} "
+                f"{np.mean(result.refine_on_n):.3f}; unseen base {np.mean(result.unseen_base):.3f}"
+                f" fixed {np.mean(result.unseen_fixed):.3f}",
+                flush=True,
+            )
+        results.append(result)
+    return results
+
+
+def verdicts(task: str, results: list[DomainResult], mode: str) -> list[str]:
+    shifted = [r for r in results if r.role == "shifted"]
+    gains = [np.mean(r.one_shot[mode]) - np.mean(r.base) for r in shifted]
+    near = [np.mean(r.one_shot[mode]) - np.mean(r.base) for r in results if r.role == "near-source"]
+    lines = [
+        f"{task}: one-shot gain >= 0.05 on {sum(g >= 0.05 for g in gains)} of {len(gains)} "
+        f"shifted domains (need 3): {'PASS' if sum(g >= 0.05 for g in gains) >= 3 else 'FAIL'}",
+        f"{task}: near-source change {near[0]:+.3f} (need >= -0.01): "
+        f"{'PASS' if near and near[0] >= -0.01 else 'FAIL'}",
+    ]
+    base = [np.mean(r.base) for r in shifted]
+    useful = all(b >= 0.3 for b in base) and not all(np.mean(r.base) >= 0.97 for r in results)
+    lines.append(
+        f"{task}: base surface Dice on shifted domains {', '.join(f'{b:.2f}' for b in base)}"
+        f" (useful benchmark: none < 0.3, not all >= 0.97): {'PASS' if useful else 'FAIL'}"
+    )
+    return lines
+
+
+def markdown(
+    all_results: dict[str, list[DomainResult]], args: argparse.Namespace, seconds: float
+) -> str:
+    def m(values: list[float]) -> str:
+        return f"{statistics.mean(values):.3f}" if values else "–"
+
+    out = [
+        f"Command: `python bench/adapt_quality.py {' '.join(args.argv)}`".rstrip() + "  ",
+        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch "
+        f"thread(s), torch {torch.__version__}, CPU; wall time {seconds / 60:.1f} min.  ",
+        f"Setup: base model trained on {args.n_train} source subjects ({args.epochs} U-Net + "
+        f"{args.head_epochs} head epochs, M=16), FOV {args.fov_mm:g} mm; {args.n_test} test "
+        f"subjects per domain (seed {TEST_SEED}), {args.n_unseen} unseen (seed {UNSEEN_SEED}); "
+        f"refinement: Adam lr 1e-3, batch 20, stop at |ΔDice| < 0.005, at most "
+        f"{args.refine_epochs} epochs. Surface Dice at 1 mm vs ground truth, mean over subjects "
+        "(multi-class: mean over classes).",
+        "",
+    ]
+    for task, results in all_results.items():
+        modes = args.batchnorm
+        out += [
+            f"#### Task `{task}`",
+            "",
+            "| domain | role | base sDice | "
+            + " | ".join(f"one-shot sDice (BN {mode}) | epochs (BN {mode})" for mode in modes)
+            + " | base Dice | one-shot Dice | refine-on-N sDice | unseen: base | "
+            "unseen: fixed adapted |",
+            "|---|---|---|" + "---|---|" * len(modes) + "---|---|---|---|---|",
+        ]
+        for r in results:
+            cells = [r.domain, r.role, m(r.base)]
+            for mode in modes:
+                gain = statistics.mean(r.one_shot[mode]) - statistics.mean(r.base)
+                cells += [
+                    f"{m(r.one_shot[mode])} ({gain:+.3f})",
+                    f"{statistics.mean(r.one_shot_epochs[mode]):.1f}",
+                ]
+            cells += [
+                m(r.base_dice),
+                m(r.one_shot_dice[modes[0]]),
+                m(r.refine_on_n),
+                m(r.unseen_base),
+                m(r.unseen_fixed),
+            ]
+            out.append("| " + " | ".join(cells) + " |")
+        out += ["", *[f"- {line}" for line in verdicts(task, results, modes[0])], ""]
+    return "\n".join(out)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="+", default=["brain", "heart"])
+    parser.add_argument("--n-train", type=int, default=8)
+    parser.add_argument("--n-test", type=int, default=5)
+    parser.add_argument("--n-unseen", type=int, default=5)
+    parser.add_argument("--fov-mm", type=float, default=96.0)
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--head-epochs", type=int, default=6)
+    parser.add_argument("--refine-epochs", type=int, default=10)
+    parser.add_argument("--batchnorm", nargs="+", default=["train", "frozen"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-tables13", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run")
+    parser.add_argument("--work", type=Path, default=ROOT / "var" / "bench")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    args = parser.parse_args()
+    args.argv = sys.argv[1:]
+    if args.quick:
+        args.n_train, args.n_test, args.n_unseen, args.fov_mm = 3, 2, 2, 48.0
+        args.epochs, args.head_epochs, args.refine_epochs = 2, 1, 2
+        args.work = args.work.parent / "bench-quick"
+    for task in args.tasks:
+        started = time.perf_counter()
+        results = {task: run_task(task, args)}
+        text = markdown(results, args, time.perf_counter() - started)
+        print(text)
+        args.work.mkdir(parents=True, exist_ok=True)
+        (args.work / f"adapt_quality-{task}.json").write_text(
+            json.dumps([vars(r) for r in results[task]], indent=1, default=float)
+        )
+        if not args.quick:
+            replace_section(
+                args.out,
+                f"adapt_quality-{task}",
+                f"Adaptation quality, task `{task}` (paper Tables 1-3)",
+                text,
+            )
+            print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from sitefit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,227 @@
+"""Engine commands: ``phantoms``, ``train``, ``segment`` and ``demo`` (the ``make run`` job)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sitefit import defaults
+from sitefit.exceptions import InvalidInputError, ModelNotFoundError
+from sitefit.report import MODES, Report
+from sitefit.settings import Settings
+
+if TYPE_CHECKING:
+    from worker.engine import Progress
+
+DEMO_MODEL = "demo-brain"
+DEMO_TASK = "brain"
+DEMO_TARGET_DOMAIN = "c15t"
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    phantoms = subparsers.add_parser("phantoms", help="write a synthetic scanner dataset")
+    phantoms.add_argument("--task", default="brain", help="brain, heart or tissue")
+    phantoms.add_argument("--domain", help="scanner domain (see --list-domains)")
+    phantoms.add_argument("--n", type=int, default=5, help="number of subjects")
+    phantoms.add_argument("--seed", type=int, default=0)
+    phantoms.add_argument("--fov-mm", type=float, default=None, help="field of view in mm")
+    phantoms.add_argument("--out", type=Path, help="output directory (nnU-Net v2 raw layout)")
+    phantoms.add_argument("--list-domains", action="store_true", help="list scanner domains")
+    phantoms.set_defaults(handler=run_phantoms)
+
+    train = subparsers.add_parser("train", help="train a base model on an nnU-Net v2 dataset")
+    train.add_argument("dataset", type=Path, help="nnU-Net v2 raw dataset directory")
+    train.add_argument("--name", required=True, help="model name in the store")
+    train.add_argument("--epochs", type=int, default=defaults.TRAIN_EPOCHS)
+    train.add_argument("--head-epochs", type=int, default=defaults.HEAD_EPOCHS)
+    train.add_argument("--batch-size", type=int, default=defaults.TRAIN_BATCH_SIZE)
+    train.add_argument("--lr", type=float, default=defaults.TRAIN_LR)
+    train.add_argument("--seed", type=int, default=defaults.SEED)
+    train.add_argument("--base-channels", type=int, default=defaults.BASE_CHANNELS)
+    train.add_argument("--slice-axis", type=int, default=2, help="canonical (RAS) axis, 0-2")
+    train.add_argument("--device", default=None, help="cpu, cuda or cuda:N")
+    train.set_defaults(handler=run_train)
+
+    segment = subparsers.add_parser("segment", help="segment one scan locally (no services)")
+    segment.add_argument("scan", type=Path, help="NIfTI scan (.nii or .nii.gz)")
+    segment.add_argument("--model", required=True, help="NAME or NAME@VERSION")
+    segment.add_argument("--site", default=None, help="scanner site the scan comes from")
+    segment.add_argument("--mode", choices=MODES, default="auto")
+    segment.add_argument("--out", type=Path, required=True, help="mask to write (.nii.gz)")
+    segment.add_argument("--reference", type=Path, help="ground-truth labels, for figures")
+    segment.add_argument("--report", type=Path, help="write the JSON report here")
+    segment.add_argument("--device", default=None, help="cpu, cuda or cuda:N")
+    segment.add_argument("--quiet", action="store_true", help="print no progress")
+    segment.set_defaults(handler=run_segment)
+
+    demo = subparsers.add_parser(
+        "demo", help="build the demo model from phantoms if missing, then segment a shifted scan"
+    )
+    demo.add_argument("--device", default=None)
+    demo.set_defaults(handler=run_demo)
+
+
+def run_phantoms(args: argparse.Namespace) -> int:
+    from sitefit.phantoms import list_domains, write_dataset
+
+    if args.list_domains:
+        print(list_domains())
+        return 0
+    if args.domain is None or args.out is None:
+        raise InvalidInputError("phantoms needs --domain and --out (or --list-domains)")
+    if args.n < 1:
+        raise InvalidInputError(f"--n must be at least 1, not {args.n}")
+    out = write_dataset(args.task, args.domain, args.n, args.seed, args.out, args.fov_mm)
+    print(f"wrote {args.n} {args.task} subject(s) of domain {args.domain} to {out}")
+    return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from model_store.base_models import BaseModelRegistry
+    from worker.device import resolve_device
+    from worker.training import TrainConfig, train_base_model
+
+    settings = Settings(device=args.device)
+    config = TrainConfig(
+        epochs=args.epochs,
+        head_epochs=args.head_epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        seed=args.seed,
+        base_channels=args.base_channels,
+        slice_axis=args.slice_axis,
+    )
+    device = resolve_device(settings.device)
+    registry = BaseModelRegistry(settings.models_dir)
+    train_base_model(args.dataset, args.name, config, registry, device, log=_log)
+    return 0
+
+
+def run_segment(args: argparse.Namespace) -> int:
+    from worker.engine import Engine, SegmentRequest
+
+    if not str(args.out).endswith((".nii", ".nii.gz")):
+        raise InvalidInputError(f"--out {args.out}: the mask is written as .nii or .nii.gz")
+    settings = Settings(device=args.device)
+    engine = Engine(settings)
+    request = SegmentRequest(args.scan, args.model, args.site, args.mode, args.reference)
+    result = engine.run(request, progress=None if args.quiet else _print_progress)
+    from sitefit.volume import save_image_atomic
+
+    save_image_atomic(result.mask, args.out)
+    if args.report:
+        _write_json_atomic(args.report, result.report.model_dump(mode="json"))
+    print(summarize(result.report))
+    print(f"mask: {args.out}" + (f"  report: {args.report}" if args.report else ""))
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """The ``make run`` job: a demo model from phantoms, then one shifted scan, adapted."""
+    from model_store.base_models import BaseModelRegistry
+    from sitefit.phantoms import DOMAINS, write_dataset
+    from worker.engine import Engine, SegmentRequest
+    from worker.training import TrainConfig, train_base_model
+
+    settings = Settings(device=args.device)
+    registry = BaseModelRegistry(settings.models_dir)
+    demo_dir = settings.home / "demo"
+    source = next(name for name, domain in DOMAINS.items() if domain.role == "source")
+    try:
+        registry.spec(DEMO_MODEL)
+        _log(f"demo model {DEMO_MODEL} found in {settings.models_dir}")
+    except ModelNotFoundError:
+        _log(f"building the demo model {DEMO_MODEL} from {source} phantoms (a few minutes on CPU)")
+        data = write_dataset(DEMO_TASK, source, 8, 0, demo_dir / f"{DEMO_TASK}-{source}")
+        from worker.device import resolve_device
+
+        train_base_model(
+            data,
+            DEMO_MODEL,
+            TrainConfig(epochs=12, head_epochs=6),
+            registry,
+            resolve_device(settings.device),
+            log=_log,
+        )
+    target = write_dataset(DEMO_TASK, DEMO_TARGET_DOMAIN, 1, 1000, demo_dir / "target")
+    scan = next((target / "imagesTr").iterdir())
+    label = next((target / "labelsTr").iterdir())
+    _log(f"segmenting {scan.name} (domain {DEMO_TARGET_DOMAIN}) with one-shot refinement")
+    result = Engine(settings).run(
+        SegmentRequest(scan, DEMO_MODEL, DEMO_TARGET_DOMAIN, "adapt", label), _print_progress
+    )
+    from sitefit.volume import save_image_atomic
+
+    out = demo_dir / "mask.nii.gz"
+    save_image_atomic(result.mask, out)
+    _write_json_atomic(demo_dir / "report.json", result.report.model_dump(mode="json"))
+    print(summarize(result.report))
+    print(f"mask: {out}  report: {demo_dir / 'report.json'}")
+    return 0
+
+
+def summarize(report: Report) -> str:
+    """The before/after figures of a report, a few lines for a terminal."""
+
+    def pair(before: float | None, after: float | None) -> str:
+        return f"{_fmt(before)} -> {_fmt(after)}"
+
+    sc = report.self_consistency
+    lines = [
+        f"model {report.model.name}@{report.model.version}, mode {report.mode_used} "
+        f"({report.mode_reason}), {report.device}",
+        f"self-consistency (early vs final)  surface Dice "
+        f"{pair(sc.before.surface_dice, sc.after.surface_dice)}   "
+        f"Dice {pair(sc.before.dice, sc.after.dice)}",
+        f"base vs adapted agreement          surface Dice "
+        f"{_fmt(report.agreement_base_vs_adapted.surface_dice)}",
+    ]
+    if report.reference is not None:
+        ref = report.reference
+        lines.append(
+            f"reference (ground truth)           surface Dice "
+            f"{pair(ref.before.surface_dice, ref.after.surface_dice)}   "
+            f"Dice {pair(ref.before.dice, ref.after.dice)}"
+        )
+    refinement = report.refinement
+    if refinement.stopped != "skipped":
+        trace = " ".join(f"{d:.3f}" for d in refinement.dice_trace)
+        lines.append(
+            f"refinement: {refinement.epochs} epoch(s), {refinement.stopped}; "
+            f"Dice(early, final) per epoch: {trace}"
+        )
+    if report.guard is not None:
+        lines.append(f"guard: {report.guard.verdict} ({report.guard.reason})")
+    t = report.timings_s
+    lines.append(
+        f"timings: load {t.load:.2f} s, adapt {t.adapt:.2f} s, segment {t.segment:.2f} s,"
+        f" metrics {t.metrics:.2f} s, total {t.total:.2f} s"
+    )
+    lines.extend(f"warning: {w}" for w in report.warnings)
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _print_progress(progress: Progress) -> None:
+    if progress.stage == "adapting" and progress.epoch:
+        _log(
+            f"  refinement epoch {progress.epoch}: Dice(early, final) {progress.dice_trace[-1]:.4f}"
+        )
+    elif progress.stage not in ("loading", "done"):
+        _log(f"  {progress.stage}")
+
+
+def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    from model_store.files import write_bytes_atomic
+
+    write_bytes_atomic(path, (json.dumps(payload, indent=2) + "\n").encode())

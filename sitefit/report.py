@@ -1,0 +1,88 @@
+"""The job report: the stable keys of ARCHITECTURE.md's report contract, as pydantic models.
+
+Top-level overlap figures of a multi-class model are the mean over its foreground classes
+(classes where a figure is undefined, i.e. both masks empty, are left out of the mean);
+``per_class`` holds each class's own figures. ``None`` (JSON null) means undefined.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+Mode = Literal["auto", "adapt", "cached", "none"]
+MODES: tuple[Mode, ...] = ("auto", "adapt", "cached", "none")
+
+
+class Overlap(BaseModel):
+    surface_dice: float | None = Field(description="surface Dice at tolerance_mm; null: undefined")
+    dice: float | None = Field(description="volumetric Dice; null: both masks empty")
+
+
+class BeforeAfter(BaseModel):
+    before: Overlap
+    after: Overlap
+
+
+class ClassFigures(BaseModel):
+    self_consistency: BeforeAfter
+    agreement_base_vs_adapted: Overlap
+    reference: BeforeAfter | None = None
+
+
+class ModelIdentity(BaseModel):
+    name: str
+    version: int
+    sha256: str
+
+
+class Timings(BaseModel):
+    load: float = 0.0
+    adapt: float = 0.0
+    segment: float = 0.0
+    metrics: float = 0.0
+    total: float = 0.0
+
+
+class Refinement(BaseModel):
+    epochs: int = Field(description="refinement epochs run (0 when skipped)")
+    dice_trace: list[float] = Field(description="Dice(early mask, final mask) after each epoch")
+    stopped: Literal["converged", "max_epochs", "skipped"]
+    best_epoch: int | None = Field(default=None, description="epoch whose weights were kept")
+    batchnorm: str | None = None
+    learning_rate: float | None = None
+
+
+class SiteWeights(BaseModel):
+    used_version: int | None = Field(description="site weights version the job started from")
+    saved_version: int | None = Field(description="version this job saved for the site")
+
+
+class Guard(BaseModel):
+    verdict: Literal["kept", "reverted"]
+    reason: str
+    signals: dict[str, Any]
+
+
+class Report(BaseModel):
+    model: ModelIdentity
+    site: str | None
+    mode_requested: Mode
+    mode_used: Mode
+    mode_reason: str = ""
+    site_weights: SiteWeights = Field(
+        default_factory=lambda: SiteWeights(used_version=None, saved_version=None)
+    )
+    tolerance_mm: float
+    device: str
+    spacing_mm: tuple[float, float, float]
+    timings_s: Timings
+    self_consistency: BeforeAfter
+    agreement_base_vs_adapted: Overlap
+    reference: BeforeAfter | None = None
+    per_class: dict[str, ClassFigures] | None = None
+    refinement: Refinement
+    guard: Guard | None = None
+    warnings: list[str] = Field(default_factory=list)
+    sitefit_version: str

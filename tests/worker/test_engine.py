@@ -1,0 +1,98 @@
+"""The whole job through the engine: mask geometry, report contract, modes."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from sitefit.exceptions import ModelNotFoundError
+from sitefit.settings import Settings
+from tests.conftest import PhantomCase
+from worker.engine import Engine, Progress, SegmentRequest
+
+REPORT_KEYS = {
+    "model",
+    "site",
+    "mode_requested",
+    "mode_used",
+    "tolerance_mm",
+    "device",
+    "timings_s",
+    "self_consistency",
+    "agreement_base_vs_adapted",
+    "reference",
+    "per_class",
+    "refinement",
+}
+
+
+@pytest.fixture(scope="module")
+def engine(settings: Settings) -> Engine:
+    return Engine(settings)
+
+
+def test_adapt_returns_mask_on_input_grid_and_full_report(
+    engine: Engine, brain_model: str, shifted_brain_case: PhantomCase
+) -> None:
+    stages: list[Progress] = []
+    request = SegmentRequest(
+        shifted_brain_case.image, brain_model, "site-a", "adapt", shifted_brain_case.label
+    )
+    result = engine.run(request, stages.append)
+    source = nib.load(shifted_brain_case.image)
+    assert result.mask.shape == source.shape
+    np.testing.assert_allclose(result.mask.affine, source.affine)
+    assert result.mask.get_data_dtype() == np.uint8
+    assert set(np.unique(np.asarray(result.mask.dataobj))) <= {0, 1}
+
+    report = result.report.model_dump(mode="json")
+    assert set(report) >= REPORT_KEYS
+    assert set(report["timings_s"]) == {"load", "adapt", "segment", "metrics", "total"}
+    assert set(report["self_consistency"]) == {"before", "after"}
+    assert set(report["self_consistency"]["before"]) == {"surface_dice", "dice"}
+    assert report["reference"]["after"]["surface_dice"] is not None
+    assert report["model"]["sha256"] and report["mode_used"] == "adapt"
+    refinement = report["refinement"]
+    assert 1 <= refinement["epochs"] <= 3 and len(refinement["dice_trace"]) == refinement["epochs"]
+    assert refinement["stopped"] in {"converged", "max_epochs"}
+    assert report["per_class"] is None  # binary model
+    assert [p.stage for p in stages][:2] == ["loading", "segmenting"]
+    assert [p.epoch for p in stages if p.stage == "adapting" and p.epoch] == list(
+        range(1, refinement["epochs"] + 1)
+    )
+
+
+def test_none_mode_skips_refinement(
+    engine: Engine, brain_model: str, shifted_brain_case: PhantomCase
+) -> None:
+    result = engine.run(SegmentRequest(shifted_brain_case.image, brain_model, None, "none"))
+    report = result.report
+    assert report.refinement.stopped == "skipped" and report.refinement.epochs == 0
+    assert report.self_consistency.before == report.self_consistency.after
+    assert report.agreement_base_vs_adapted.dice in (1.0, None)
+    assert report.reference is None
+
+
+def test_base_segmentation_is_deterministic(
+    engine: Engine, brain_model: str, shifted_brain_case: PhantomCase
+) -> None:
+    request = SegmentRequest(shifted_brain_case.image, brain_model, None, "none")
+    first, second = engine.run(request), engine.run(request)
+    assert np.array_equal(np.asarray(first.mask.dataobj), np.asarray(second.mask.dataobj))
+
+
+def test_multiclass_report_has_per_class_figures(
+    engine: Engine, heart_model: str, shifted_heart_case: PhantomCase
+) -> None:
+    request = SegmentRequest(
+        shifted_heart_case.image, heart_model, None, "adapt", shifted_heart_case.label
+    )
+    report = engine.run(request).report
+    assert report.per_class is not None
+    assert set(report.per_class) == {"LV", "MYO", "RV"} or len(report.per_class) == 3
+    for figures in report.per_class.values():
+        assert figures.reference is not None
+
+
+def test_unknown_model_is_a_clear_error(engine: Engine, shifted_brain_case: PhantomCase) -> None:
+    with pytest.raises(ModelNotFoundError, match="unknown model 'nope'"):
+        engine.run(SegmentRequest(shifted_brain_case.image, "nope"))

@@ -1,0 +1,153 @@
+"""Site policy (auto|adapt|cached|none) and the guard, through the real engine and store."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model_store import ModelStore
+from sitefit.exceptions import InvalidInputError
+from sitefit.settings import Settings
+from worker.engine import Engine, SegmentRequest
+from worker.refinement import mutable_state
+
+from tests.conftest import PhantomCase
+
+GUARD_SIGNALS = {
+    "agreement_start_vs_adapted_dice", "volume_change", "entropy_before", "entropy_after",
+    "self_consistency_start", "self_consistency_last_epoch", "empty_mask", "oscillations",
+    "largest_fall", "epochs_failing", "bn_shift",
+}  # fmt: skip
+
+
+@pytest.fixture
+def home_settings(settings: Settings, tmp_path: Path) -> Settings:
+    """The session's models with a private, empty site store."""
+    (tmp_path / "sites").mkdir()
+    return settings.model_copy(update={"home": tmp_path})
+
+
+@pytest.fixture
+def engine(home_settings: Settings, settings: Settings) -> Engine:
+    store = ModelStore(models=settings.models_dir, sites=home_settings.sites_dir)
+    return Engine(home_settings, store)
+
+
+def _mask(result) -> np.ndarray:  # type: ignore[no-untyped-def]
+    return np.asarray(result.mask.dataobj)
+
+
+def _seed_site(engine: Engine, model: str, site: str) -> int:
+    """Store a real delta for ``site``: the base init path, nudged."""
+    spec = engine.store.models.spec(model)
+    net = engine.base_net(spec)
+    with torch.no_grad():
+        for parameter in net.init_path.parameters():
+            parameter.mul_(1.01)
+    delta = {k: v.numpy() for k, v in mutable_state(net).items() if k.startswith("init_path.")}
+    saved = engine.store.sites.append(site, spec, delta, scans_refined=1,
+                                      self_consistency_before=0.5, self_consistency_after=0.6,
+                                      refinement_epochs=1)  # fmt: skip
+    return saved.version
+
+
+def test_cached_without_site_weights_uses_the_base_model(
+    engine: Engine, brain_model: str, shifted_brain_case: PhantomCase
+) -> None:
+    report = engine.run(
+        SegmentRequest(shifted_brain_case.image, brain_model, "s1", "cached")
+    ).report
+    assert report.mode_used == "none" and "no usable cached weights" in report.mode_reason
+    assert report.refinement.stopped == "skipped"
+
+
+def test_cached_uses_the_sites_latest_weights(
+    engine: Engine, brain_model: str, shifted_brain_case: PhantomCase
+) -> None:
+    version = _seed_site(engine, brain_model, "s2")
+    result = engine.run(SegmentRequest(shifted_brain_case.image, brain_model, "s2", "cached"))
+    assert result.report.mode_used == "cached"
+    assert result.report.site_weights.used_version == version
+    assert result.report.refinement.stopped == "skipped"
+    assert engine.site_models.misses == 1
+    engine.run(SegmentRequest(shifted_brain_case.image, brain_model, "s2", "cached"))
+    assert engine.site_models.hits == 1  # materialised once, then warm
+
+
+def test_auto_takes_the_fast_path_at_or_above_the_threshold(
+    engine: Engine, brain_model: str, shifted_brain_case: PhantomCase
+) -> None:
+    _seed_site(engine, brain_model, "s3")
+    engine.settings = engine.settings.model_copy(update={"auto_threshold": 0.0})
+    report = engine.run(SegmentRequest(shifted_brain_case.image, brain_model, "s3", "auto")).report
+    assert report.mode_used == "cached" and ">= 0.0" in report.mode_reason
+
+
+def test_auto_refines_below_the_threshold_warm_started(
+    engine: Engine, brain_model: str, shifted_brain_case: PhantomCase
+) -> None:
+    version = _seed_site(engine, brain_model, "s4")
+    engine.settings = engine.settings.model_copy(update={"auto_threshold": 1.0})
+    report = engine.run(SegmentRequest(shifted_brain_case.image, brain_model, "s4", "auto")).report
+    assert report.mode_used == "adapt" and f"from site 's4' v{version}" in report.mode_reason
+    assert report.site_weights.used_version == version
+    assert report.refinement.epochs >= 1 and report.guard is not None
+
+
+def test_adapt_saves_a_site_version_only_when_kept_and_better(
+    engine: Engine, brain_model: str, shifted_brain_case: PhantomCase
+) -> None:
+    report = engine.run(SegmentRequest(shifted_brain_case.image, brain_model, "s5", "adapt")).report
+    assert report.guard is not None and set(report.guard.signals) == GUARD_SIGNALS
+    history = engine.store.sites.history("s5", brain_model)
+    before, after = report.self_consistency.before.dice, report.self_consistency.after.dice
+    improved = report.guard.verdict == "kept" and report.site_weights.saved_version is not None
+    assert len(history) == (1 if improved else 0)
+    if improved:
+        assert history[0].self_consistency_after > history[0].self_consistency_before
+        assert after is not None and before is not None
+
+
+def test_corrupt_site_delta_falls_back_to_base_with_a_warning(
+    engine: Engine, home_settings: Settings, brain_model: str, shifted_brain_case: PhantomCase
+) -> None:
+    _seed_site(engine, brain_model, "s6")
+    delta = next(home_settings.sites_dir.glob("s6/*/1/delta.safetensors.gz"))
+    delta.write_bytes(delta.read_bytes()[:-20] + b"\0" * 20)
+    result = engine.run(SegmentRequest(shifted_brain_case.image, brain_model, "s6", "cached"))
+    assert result.report.mode_used == "none"
+    assert any("site weights unusable" in w for w in result.report.warnings)
+    base = engine.run(SegmentRequest(shifted_brain_case.image, brain_model, None, "none"))
+    assert np.array_equal(_mask(result), _mask(base))
+    assert engine.store.sites.integrity_errors >= 1
+
+
+def test_diverging_refinement_is_reverted_and_never_saved(
+    engine: Engine, brain_model: str, shifted_brain_case: PhantomCase
+) -> None:
+    engine.settings = engine.settings.model_copy(update={"refine_lr": 1.0})
+    result = engine.run(SegmentRequest(shifted_brain_case.image, brain_model, "s7", "adapt"))
+    report = result.report
+    assert report.guard is not None and report.guard.verdict == "reverted", report.guard
+    assert report.refinement.best_epoch is None
+    assert report.site_weights.saved_version is None
+    assert engine.store.sites.history("s7", brain_model) == []
+    base = engine.run(SegmentRequest(shifted_brain_case.image, brain_model, None, "none"))
+    assert np.array_equal(_mask(result), _mask(base))
+
+
+def test_guard_can_be_switched_off(
+    engine: Engine, brain_model: str, shifted_brain_case: PhantomCase
+) -> None:
+    engine.settings = engine.settings.model_copy(update={"refine_lr": 1.0, "guard": False})
+    report = engine.run(SegmentRequest(shifted_brain_case.image, brain_model, None, "adapt")).report
+    assert report.guard is not None and report.guard.verdict == "kept"
+    assert "disabled" in report.guard.reason
+
+
+def test_invalid_site_name_is_refused(
+    engine: Engine, brain_model: str, shifted_brain_case: PhantomCase
+) -> None:
+    with pytest.raises(InvalidInputError, match="invalid site name"):
+        engine.run(SegmentRequest(shifted_brain_case.image, brain_model, "../etc", "adapt"))

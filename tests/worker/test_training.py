@@ -1,0 +1,84 @@
+"""Source training: what gets registered, reproducibility, dataset errors."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from model_store.base_models import BaseModelRegistry
+from sitefit.exceptions import DatasetError
+from sitefit.settings import Settings
+from worker.training import TrainConfig, train_base_model
+from worker.weights import build_net
+
+from tests.conftest import TINY_TRAINING, TRAINING_LOGS
+
+
+def test_registered_model_has_a_complete_spec(settings: Settings, brain_model: str) -> None:
+    registry = BaseModelRegistry(settings.models_dir)
+    spec = registry.spec(brain_model)
+    assert spec.classes == {0: "background", 1: "brain"}
+    assert spec.architecture.num_outputs == 1
+    assert spec.slice_axis == 2 and spec.normalization == "minmax"
+    assert len(spec.training.dataset_fingerprint) == 64
+    assert spec.training.train_cases and spec.training.validation_cases
+    assert not set(spec.training.train_cases) & set(spec.training.validation_cases)
+    assert spec.validation.dice_final is not None and 0.0 <= spec.validation.dice_final <= 1.0
+    net = build_net(spec, registry.tensors(spec), torch.device("cpu"))
+    assert net.config.base_channels == 4
+
+
+def test_multiclass_model_uses_softmax_outputs(settings: Settings, heart_model: str) -> None:
+    spec = BaseModelRegistry(settings.models_dir).spec(heart_model)
+    assert spec.architecture.num_outputs == len(spec.classes) == 4
+
+
+def test_training_is_reproducible(settings: Settings, brain_model: str, brain_dataset: Path,
+                                  tmp_path: Path) -> None:
+    """The same data, configuration and seed give bitwise the same weights."""
+    first = BaseModelRegistry(settings.models_dir).spec(brain_model)
+    again = train_base_model(brain_dataset, brain_model, TrainConfig(**TINY_TRAINING),
+                             BaseModelRegistry(tmp_path), torch.device("cpu"), log=str)
+    assert again.sha256 == first.sha256
+
+
+def test_progress_is_logged_per_epoch(brain_model: str) -> None:
+    lines = TRAINING_LOGS[brain_model]
+    assert sum(line.startswith("unet epoch 1/2: loss") for line in lines) == 1
+    assert sum(line.startswith("unet epoch") for line in lines) == 2
+    assert sum(line.startswith("early head epoch") for line in lines) == 1
+    assert lines[-1].startswith(f"registered {brain_model}@1")
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda d: (d / "dataset.json").unlink(), "no dataset.json"),
+        (lambda d: (d / "dataset.json").write_text("{"), "not valid JSON"),
+        (lambda d: shutil.rmtree(d / "imagesTr"), "has no image"),
+        (lambda d: shutil.rmtree(d / "labelsTr"), "no labelled cases"),
+        (
+            lambda d: (d / "dataset.json").write_text(
+                json.dumps({"channel_names": {"0": "T1", "1": "T2"}, "labels": {"background": 0}})
+            ),
+            "one channel",
+        ),
+    ],
+)
+def test_bad_datasets_are_refused(
+    brain_dataset: Path, tmp_path: Path, damage, message: str
+) -> None:
+    copy = tmp_path / "ds"
+    shutil.copytree(brain_dataset, copy)
+    damage(copy)
+    with pytest.raises(DatasetError, match=message):
+        train_base_model(
+            copy,
+            "c",
+            TrainConfig(epochs=1, head_epochs=1),
+            BaseModelRegistry(tmp_path),
+            torch.device("cpu"),
+            log=str,
+        )

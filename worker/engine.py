@@ -1,0 +1,358 @@
+"""The segmentation engine: one scan in, a mask and a report out, no services needed.
+
+``Engine`` keeps what is worth keeping between jobs (the device, verified base weights, warm
+site models) and runs the whole job: load -> canonical orientation -> min-max scaling ->
+slices -> base prediction -> site policy (cached weights or refinement, guarded) ->
+figures -> mask in the input's grid. The CLI (``sitefit segment``), the in-process server
+and the RQ worker all call it.
+
+Site policy for a scan of site S (``Report.mode_used`` and ``mode_reason`` say what ran):
+- ``none``: the base model.
+- ``cached``: S's latest weights as they are; the base model when S has none usable.
+- ``adapt``: one-shot refinement on this scan, warm-started from S's weights when present;
+  the result becomes S's next version only when the guard kept it and its self-consistency
+  beats the weights it started from.
+- ``auto``: S's weights as they are when their self-consistency on this scan reaches
+  ``Settings.auto_threshold`` (the fast path), otherwise as ``adapt``.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+import sitefit
+from model_store import ModelStore
+from model_store.sites import SiteVersion, check_site
+from model_store.spec import ModelSpec
+from sitefit.exceptions import ModelStoreError
+from sitefit.report import Guard, Mode, ModelIdentity, Refinement, Report, SiteWeights, Timings
+from sitefit.settings import Settings
+from sitefit.volume import load_label_map, load_scan, mask_to_image
+from worker.cache import CacheKey, ModelCache
+from worker.device import describe, resolve_device
+from worker.figures import LabelVolumes, compute_figures
+from worker.guard import GuardConfig, Verdict, bn_shift, judge
+from worker.inference import SlicePrediction, foreground_dice, predict
+from worker.nets import SegmentationNet
+from worker.preprocess import PreparedScan, prepare_scan
+from worker.refinement import RefineConfig, RefinementResult, mutable_state, refine
+from worker.weights import build_net, load_numpy
+
+
+@dataclass(frozen=True)
+class SegmentRequest:
+    scan: Path
+    model: str
+    site: str | None = None
+    mode: Mode = "auto"
+    reference: Path | None = None
+
+
+@dataclass(frozen=True)
+class Progress:
+    stage: str  # loading | segmenting | adapting | metrics | done
+    epoch: int | None = None
+    dice_trace: tuple[float, ...] = ()
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+@dataclass
+class SegmentResult:
+    report: Report
+    mask: nib.Nifti1Image
+
+
+@dataclass(frozen=True)
+class SiteModel:
+    version: SiteVersion
+    net: SegmentationNet  # shared with the cache: never refine it in place
+
+
+@dataclass
+class _Outcome:
+    mode_used: Mode
+    reason: str
+    after: SlicePrediction
+    refinement: RefinementResult | None = None
+    verdict: Verdict | None = None
+    site_used: SiteVersion | None = None
+    site_saved: SiteVersion | None = None
+
+
+@dataclass
+class _Stopwatch:
+    timings: dict[str, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+    _last: float = field(default_factory=time.perf_counter)
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.timings[stage] = self.timings.get(stage, 0.0) + now - self._last
+        self._last = now
+
+    def report(self) -> Timings:
+        rounded = {k: round(v, 4) for k, v in self.timings.items()}
+        return Timings(**rounded, total=round(time.perf_counter() - self.started, 4))
+
+
+class Engine:
+    """Runs segmentation jobs on one device; reuse one instance for many jobs (one thread)."""
+
+    def __init__(self, settings: Settings, store: ModelStore | None = None) -> None:
+        self.settings = settings
+        self.store = store or ModelStore.from_settings(settings)
+        self.device = resolve_device(settings.device)
+        self.site_models: ModelCache[SegmentationNet] = ModelCache(settings.model_cache_bytes)
+        self._base_tensors: dict[str, dict[str, np.ndarray]] = {}
+
+    def refine_config(self) -> RefineConfig:
+        return RefineConfig(
+            max_epochs=self.settings.refine_max_epochs,
+            learning_rate=self.settings.refine_lr,
+            batch_size=self.settings.refine_batch_size,
+            batchnorm=self.settings.refine_batchnorm,
+        )
+
+    def guard_config(self) -> GuardConfig:
+        return GuardConfig(
+            enabled=self.settings.guard,
+            max_volume_change=self.settings.guard_max_volume_change,
+            min_agreement=self.settings.guard_min_agreement,
+        )
+
+    def base_net(self, spec: ModelSpec) -> SegmentationNet:
+        """A fresh net holding the base model's weights (verified once, then kept in memory)."""
+        tensors = self._base_tensors.get(spec.sha256)
+        if tensors is None:
+            tensors = self.store.models.tensors(spec)
+            self._base_tensors[spec.sha256] = tensors
+        return build_net(spec, tensors, self.device)
+
+    def run(
+        self, request: SegmentRequest, progress: ProgressCallback | None = None
+    ) -> SegmentResult:
+        notify = progress or (lambda _: None)
+        clock = _Stopwatch()
+        notify(Progress("loading"))
+        if request.site is not None:
+            check_site(request.site)
+        spec = self.store.models.spec(request.model)
+        scan = load_scan(request.scan, self.settings.max_voxels)
+        reference = load_label_map(request.reference, like=scan) if request.reference else None
+        prepared = prepare_scan(scan, spec.slice_axis, self.device)
+        base_net = self.base_net(spec)
+        warnings: list[str] = []
+        site = self._site_model(request, spec, warnings)
+        clock.lap("load")
+
+        notify(Progress("segmenting"))
+        base = predict(base_net, prepared.slices, self.settings.refine_batch_size)
+        clock.lap("segment")
+        outcome = self._apply_policy(request, spec, prepared, base, base_net, site, notify)
+        clock.lap("adapt")
+
+        notify(Progress("metrics"))
+        early_before, final_before = prepared.volume(base.early), prepared.volume(base.final)
+        if outcome.after is base:
+            early_after, final_after = early_before, final_before
+        else:
+            early_after = prepared.volume(outcome.after.early)
+            final_after = prepared.volume(outcome.after.final)
+        figures = compute_figures(
+            LabelVolumes(early_before, final_before, early_after, final_after),
+            spec.classes, scan.spacing_mm, self.settings.tolerance_mm, reference,
+        )  # fmt: skip
+        mask = mask_to_image(final_after, scan.source)
+        clock.lap("metrics")
+        report = Report(
+            model=ModelIdentity(name=spec.name, version=spec.version, sha256=spec.sha256),
+            site=request.site,
+            mode_requested=request.mode,
+            mode_used=outcome.mode_used,
+            mode_reason=outcome.reason,
+            site_weights=SiteWeights(
+                used_version=outcome.site_used.version if outcome.site_used else None,
+                saved_version=outcome.site_saved.version if outcome.site_saved else None,
+            ),
+            tolerance_mm=self.settings.tolerance_mm,
+            device=describe(self.device),
+            spacing_mm=scan.spacing_mm,
+            timings_s=clock.report(),
+            self_consistency=figures.self_consistency,
+            agreement_base_vs_adapted=figures.agreement_base_vs_adapted,
+            reference=figures.reference,
+            per_class=figures.per_class,
+            refinement=_refinement_block(outcome, self.refine_config()),
+            guard=_guard_block(outcome.verdict),
+            warnings=warnings,
+            sitefit_version=sitefit.__version__,
+        )
+        notify(Progress("done"))
+        return SegmentResult(report=report, mask=mask)
+
+    def _site_model(
+        self, request: SegmentRequest, spec: ModelSpec, warnings: list[str]
+    ) -> SiteModel | None:
+        """The site's latest usable weights, or None (with a warning when they are unusable)."""
+        if request.site is None or request.mode == "none":
+            return None
+        try:
+            latest = self.store.sites.latest(request.site, spec.name)
+            if latest is None:
+                return None
+            key = CacheKey(request.site, spec.name, latest.version, spec.sha256)
+            net = self.site_models.get(key)
+            if net is None:
+                delta = self.store.sites.load(request.site, latest, spec)
+                net = self.base_net(spec)
+                load_numpy(net, delta, strict=False)
+                self.site_models.put(key, net)
+        except ModelStoreError as error:
+            warnings.append(f"site weights unusable, base model used instead: {error}")
+            return None
+        return SiteModel(latest, net)
+
+    def _apply_policy(
+        self,
+        request: SegmentRequest,
+        spec: ModelSpec,
+        prepared: PreparedScan,
+        base: SlicePrediction,
+        base_net: SegmentationNet,
+        site: SiteModel | None,
+        notify: ProgressCallback,
+    ) -> _Outcome:
+        batch = self.settings.refine_batch_size
+        classes = len(spec.classes)
+        if request.mode == "none":
+            return _Outcome("none", "base model requested", base)
+        where = f"site {request.site!r}"
+        if site is None and request.mode == "cached":
+            return _Outcome("none", f"{where} has no usable cached weights: base model", base)
+        candidate = predict(site.net, prepared.slices, batch) if site else None
+        if site and candidate and request.mode == "cached":
+            return _Outcome("cached", f"cached weights of {where} v{site.version.version}",
+                            candidate, site_used=site.version)  # fmt: skip
+        reason = "one-shot refinement on this scan"
+        if site and candidate:
+            consistency = foreground_dice(candidate.early, candidate.final, classes)
+            threshold = self.settings.auto_threshold
+            if request.mode == "auto" and consistency >= threshold:
+                return _Outcome(
+                    "cached",
+                    f"{where} v{site.version.version}: self-consistency {consistency:.3f} >= "
+                    f"{threshold} on this scan, used as is",
+                    candidate,
+                    site_used=site.version,
+                )
+            reason = f"refined on this scan from {where} v{site.version.version}"
+            if request.mode == "auto":
+                reason += f" (its self-consistency {consistency:.3f} < {threshold})"
+        elif request.mode == "auto":
+            reason = "no cached weights for this site: " + reason
+        return self._refine(request, spec, prepared, base_net, base, site, candidate, reason,
+                            notify)  # fmt: skip
+
+    def _refine(
+        self,
+        request: SegmentRequest,
+        spec: ModelSpec,
+        prepared: PreparedScan,
+        base_net: SegmentationNet,
+        base: SlicePrediction,
+        site: SiteModel | None,
+        candidate: SlicePrediction | None,
+        reason: str,
+        notify: ProgressCallback,
+    ) -> _Outcome:
+        classes = len(spec.classes)
+        net = copy.deepcopy(site.net) if site else base_net
+        start = candidate if candidate is not None else base
+        start_state = mutable_state(net)
+        trace: list[float] = []
+
+        def on_epoch(epoch: int, dice: float) -> None:
+            trace.append(dice)
+            notify(Progress("adapting", epoch, tuple(trace)))
+
+        notify(Progress("adapting", 0))
+        start_consistency = foreground_dice(start.early, start.final, classes)
+        result = refine(net, prepared.slices, classes, start_consistency, self.refine_config(),
+                        on_epoch, keep_states=True)  # fmt: skip
+        verdict = judge(start, result.predictions, classes, self.guard_config(), result.dice_trace)
+        kept = verdict.kept_epoch
+        verdict.signals["bn_shift"] = round(
+            bn_shift(start_state, result.states[(kept or len(result.states)) - 1]), 6
+        )
+        used = site.version if site else None
+        if kept is None:
+            load_numpy(net, {k: v.cpu().numpy() for k, v in start_state.items()}, strict=False)
+            return _Outcome("adapt", reason, start, result, verdict, site_used=used)
+        load_numpy(net, {k: v.cpu().numpy() for k, v in result.states[kept - 1].items()},
+                   strict=False)  # fmt: skip
+        after = result.predictions[kept - 1]
+        saved = None
+        after_consistency = foreground_dice(after.early, after.final, classes)
+        if request.site is not None and after_consistency > start_consistency:
+            saved = self._save_site(request.site, spec, net, used, start_consistency,
+                                    after_consistency, kept)  # fmt: skip
+            self.site_models.put(CacheKey(request.site, spec.name, saved.version, spec.sha256), net)
+        return _Outcome("adapt", reason, after, result, verdict, site_used=used, site_saved=saved)
+
+    def _save_site(
+        self,
+        site: str,
+        spec: ModelSpec,
+        net: SegmentationNet,
+        started_from: SiteVersion | None,
+        before: float,
+        after: float,
+        epochs: int,
+    ) -> SiteVersion:
+        """Store what differs from the base model as the site's next version."""
+        base = self._base_tensors[spec.sha256]
+        delta = {
+            key: value.detach().cpu().numpy().copy()
+            for key, value in mutable_state(net).items()
+            if not np.array_equal(value.cpu().numpy(), base[key])
+        }
+        return self.store.sites.append(
+            site, spec, delta,
+            scans_refined=(started_from.scans_refined if started_from else 0) + 1,
+            self_consistency_before=round(before, 6),
+            self_consistency_after=round(after, 6),
+            refinement_epochs=epochs,
+        )  # fmt: skip
+
+
+def _refinement_block(outcome: _Outcome, config: RefineConfig) -> Refinement:
+    result = outcome.refinement
+    if result is None:
+        return Refinement(epochs=0, dice_trace=[], stopped="skipped")
+    return Refinement(
+        epochs=result.epochs,
+        dice_trace=[round(d, 6) for d in result.dice_trace],
+        stopped=result.stopped,
+        best_epoch=outcome.verdict.kept_epoch if outcome.verdict else result.epochs,
+        batchnorm=config.batchnorm,
+        learning_rate=config.learning_rate,
+    )
+
+
+def _guard_block(verdict: Verdict | None) -> Guard | None:
+    if verdict is None:
+        return None
+    return Guard(
+        verdict="reverted" if verdict.kept_epoch is None else "kept",
+        reason=verdict.reason,
+        signals=verdict.signals,
+    )

@@ -1,0 +1,86 @@
+"""Overlap figures of the report: self-consistency, base-vs-adapted agreement, reference.
+
+All figures are 3D, at the scan's voxel spacing, on canonical-orientation label volumes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from sitefit.metrics import OverlapFigures, overlap_per_class
+from sitefit.report import BeforeAfter, ClassFigures, Overlap
+
+
+@dataclass(frozen=True)
+class LabelVolumes:
+    """Canonical label volumes of one scan, before and after refinement."""
+
+    early_before: np.ndarray
+    final_before: np.ndarray
+    early_after: np.ndarray
+    final_after: np.ndarray
+
+
+@dataclass(frozen=True)
+class Figures:
+    self_consistency: BeforeAfter
+    agreement_base_vs_adapted: Overlap
+    reference: BeforeAfter | None
+    per_class: dict[str, ClassFigures] | None
+
+
+def compute_figures(
+    volumes: LabelVolumes,
+    classes: Mapping[int, str],
+    spacing_mm: tuple[float, float, float],
+    tolerance_mm: float,
+    reference: np.ndarray | None,
+) -> Figures:
+    foreground = {k: v for k, v in classes.items() if k != 0}
+
+    def per_class(pred: np.ndarray, ref: np.ndarray) -> dict[str, OverlapFigures]:
+        return overlap_per_class(pred, ref, foreground, spacing_mm, tolerance_mm)
+
+    sc_before = per_class(volumes.early_before, volumes.final_before)
+    same = (
+        volumes.final_after is volumes.final_before and volumes.early_after is volumes.early_before
+    )
+    sc_after = sc_before if same else per_class(volumes.early_after, volumes.final_after)
+    agreement = per_class(volumes.final_after, volumes.final_before)
+    ref_before = ref_after = None
+    if reference is not None:
+        ref_before = per_class(volumes.final_before, reference)
+        ref_after = ref_before if same else per_class(volumes.final_after, reference)
+
+    by_class: dict[str, ClassFigures] = {}
+    for name in foreground.values():
+        by_class[name] = ClassFigures(
+            self_consistency=BeforeAfter(
+                before=Overlap(**sc_before[name]), after=Overlap(**sc_after[name])
+            ),
+            agreement_base_vs_adapted=Overlap(**agreement[name]),
+            reference=None
+            if ref_before is None or ref_after is None
+            else BeforeAfter(before=Overlap(**ref_before[name]), after=Overlap(**ref_after[name])),
+        )
+    return Figures(
+        self_consistency=BeforeAfter(before=mean_overlap(sc_before), after=mean_overlap(sc_after)),
+        agreement_base_vs_adapted=mean_overlap(agreement),
+        reference=None
+        if ref_before is None or ref_after is None
+        else BeforeAfter(before=mean_overlap(ref_before), after=mean_overlap(ref_after)),
+        per_class=by_class if len(foreground) > 1 else None,
+    )
+
+
+def mean_overlap(figures: Mapping[str, OverlapFigures]) -> Overlap:
+    """Mean over classes of each figure, leaving out classes where it is undefined."""
+
+    def mean(key: str) -> float | None:
+        values = [f[key] for f in figures.values() if f[key] is not None]  # type: ignore[literal-required]
+        return float(np.mean(values)) if values else None
+
+    return Overlap(surface_dice=mean("surface_dice"), dice=mean("dice"))

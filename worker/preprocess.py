@@ -1,0 +1,32 @@
+"""From a canonical scan to the model's input slices, and from predicted slices back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from sitefit import defaults
+from sitefit.volume import Scan, from_slices, minmax_normalize, pad_to_multiple, to_slices
+
+
+@dataclass(frozen=True)
+class PreparedScan:
+    """A scan as the 2D model sees it: min-max scaled slices, padded in-plane, on a device."""
+
+    scan: Scan
+    slices: torch.Tensor  # (N, 1, H, W) float32
+    crop: tuple[slice, ...]  # undoes the in-plane padding of a (N, H, W) stack
+    slice_axis: int
+
+    def volume(self, labels: torch.Tensor) -> np.ndarray:
+        """Predicted label slices (N, H, W) back to a canonical label volume (uint8)."""
+        return from_slices(labels.cpu().numpy()[self.crop], self.slice_axis)
+
+
+def prepare_scan(scan: Scan, slice_axis: int, device: torch.device) -> PreparedScan:
+    stack = to_slices(minmax_normalize(scan.data), slice_axis)
+    padded, crop = pad_to_multiple(stack, defaults.PAD_MULTIPLE)
+    tensor = torch.from_numpy(np.ascontiguousarray(padded[:, None], dtype=np.float32))
+    return PreparedScan(scan, tensor.to(device), crop, slice_axis)

@@ -1,0 +1,187 @@
+"""Source training (paper §2.1, §2.2): the U-Net, then the early head with the U-Net frozen."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import sitefit
+from model_store.base_models import BaseModelRegistry
+from model_store.spec import ModelSpec, TrainingInfo, Validation, check_name
+from sitefit import defaults
+from sitefit.exceptions import InvalidInputError
+from worker.dataset import Slices, load_slices, read_dataset
+from worker.inference import foreground_dice, predict
+from worker.nets import NetConfig, SegmentationNet, supervised_loss
+from worker.weights import architecture_of, to_numpy
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = defaults.TRAIN_EPOCHS
+    head_epochs: int = defaults.HEAD_EPOCHS
+    batch_size: int = defaults.TRAIN_BATCH_SIZE
+    learning_rate: float = defaults.TRAIN_LR
+    seed: int = defaults.SEED
+    base_channels: int = defaults.BASE_CHANNELS
+    levels: int = defaults.LEVELS
+    res_blocks: int = defaults.INIT_RES_BLOCKS
+    slice_axis: int = 2
+    validation_fraction: float = defaults.VALIDATION_FRACTION
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.head_epochs < 1 or self.batch_size < 1:
+            raise InvalidInputError("epochs, head epochs and batch size must be at least 1")
+        if self.slice_axis not in (0, 1, 2):
+            raise InvalidInputError(f"slice axis must be 0, 1 or 2, not {self.slice_axis}")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise InvalidInputError("validation fraction must be in [0, 1)")
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def train_base_model(
+    dataset_dir: Path,
+    name: str,
+    config: TrainConfig,
+    registry: BaseModelRegistry,
+    device: torch.device,
+    log: Log = print,
+) -> ModelSpec:
+    """Train on an nnU-Net v2 raw dataset and register the result as ``name``'s next version."""
+    try:
+        check_name("model", name)
+    except ValueError as error:
+        raise InvalidInputError(str(error)) from None
+    started = time.perf_counter()
+    generator = seed_everything(config.seed)
+    dataset = read_dataset(dataset_dir)
+    cases = list(dataset.cases)
+    random.Random(config.seed).shuffle(cases)
+    n_val = round(len(cases) * config.validation_fraction) if len(cases) > 1 else 0
+    n_val = max(n_val, 1) if config.validation_fraction > 0 and len(cases) > 1 else n_val
+    val_cases, train_cases = cases[:n_val], cases[n_val:]
+    log(
+        f"dataset {dataset.name}: {len(train_cases)} training and {len(val_cases)} validation "
+        f"cases, classes {dataset.classes}"
+    )
+    train = load_slices(train_cases, config.slice_axis)
+    val = load_slices(val_cases, config.slice_axis) if val_cases else train
+
+    num_outputs = 1 if len(dataset.classes) == 2 else len(dataset.classes)
+    net_config = NetConfig(num_outputs, config.base_channels, config.levels, config.res_blocks)
+    net = SegmentationNet(net_config).to(device)
+    num_classes = len(dataset.classes)
+
+    unet_params = [*net.init_path.parameters(), *net.body.parameters()]
+    optimizer = torch.optim.Adam(unet_params, lr=config.learning_rate)
+    for epoch in range(1, config.epochs + 1):
+        net.train()
+        tick = time.perf_counter()
+        losses = []
+        for images, labels in _batches(train, config.batch_size, generator, device):
+            loss = supervised_loss(net.body(net.init_path(images)), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        final_dice, _ = _validate(net, val, num_classes, config.batch_size, device)
+        log(
+            f"unet epoch {epoch}/{config.epochs}: loss {np.mean(losses):.4f}, "
+            f"validation dice {final_dice:.4f} ({time.perf_counter() - tick:.1f} s)"
+        )
+
+    # The early head learns from the frozen U-Net: eval mode keeps BN statistics fixed.
+    net.requires_grad_(False)
+    net.early_head.requires_grad_(True)
+    head_optimizer = torch.optim.Adam(net.early_head.parameters(), lr=config.learning_rate)
+    for epoch in range(1, config.head_epochs + 1):
+        net.eval()
+        tick = time.perf_counter()
+        losses = []
+        for images, labels in _batches(train, config.batch_size, generator, device):
+            with torch.no_grad():
+                features = net.init_path(images)
+            loss = supervised_loss(net.early_head(features), labels)
+            head_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            head_optimizer.step()
+            losses.append(loss.item())
+        _, early_dice = _validate(net, val, num_classes, config.batch_size, device)
+        log(
+            f"early head epoch {epoch}/{config.head_epochs}: loss {np.mean(losses):.4f}, "
+            f"validation dice {early_dice:.4f} ({time.perf_counter() - tick:.1f} s)"
+        )
+
+    final_dice, early_dice = _validate(net, val, num_classes, config.batch_size, device)
+    spec = ModelSpec(
+        name=name,
+        version=1,
+        created=datetime.now(UTC),
+        sitefit_version=sitefit.__version__,
+        classes=dataset.classes,
+        architecture=architecture_of(net_config),
+        slice_axis=config.slice_axis,
+        training=TrainingInfo(
+            dataset_name=dataset.name,
+            dataset_fingerprint=dataset.fingerprint(),
+            train_cases=[c.name for c in train_cases],
+            validation_cases=[c.name for c in val_cases],
+            epochs=config.epochs,
+            head_epochs=config.head_epochs,
+            learning_rate=config.learning_rate,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            seconds=round(time.perf_counter() - started, 2),
+        ),
+        validation=Validation(dice_final=final_dice, dice_early=early_dice),
+        sha256="",
+    )
+    stored = registry.register(spec, to_numpy(net.cpu()))
+    log(
+        f"registered {stored.name}@{stored.version}: validation dice final {final_dice:.4f}, "
+        f"early head {early_dice:.4f}"
+    )
+    return stored
+
+
+def _batches(
+    slices: Slices, batch_size: int, generator: torch.Generator, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    order = torch.randperm(slices.images.shape[0], generator=generator).numpy()
+    for start in range(0, len(order), batch_size):
+        index = np.sort(order[start : start + batch_size])
+        if len(index) < 2:  # BatchNorm needs more than one value per channel in train mode
+            continue
+        yield (
+            torch.from_numpy(slices.images[index]).to(device),
+            torch.from_numpy(slices.labels[index]).to(device),
+        )
+
+
+def _validate(
+    net: SegmentationNet, val: Slices, num_classes: int, batch_size: int, device: torch.device
+) -> tuple[float, float]:
+    """Mean per-case 3D Dice of the final output and of the early head against the labels."""
+    finals, earlies = [], []
+    for start, stop in val.case_ranges:
+        images = torch.from_numpy(val.images[start:stop]).to(device)
+        labels = torch.from_numpy(val.labels[start:stop]).to(device)
+        prediction = predict(net, images, batch_size)
+        finals.append(foreground_dice(prediction.final, labels, num_classes))
+        earlies.append(foreground_dice(prediction.early, labels, num_classes))
+    return float(np.mean(finals)), float(np.mean(earlies))

@@ -1,0 +1,68 @@
+"""Moving weights between torch modules and the model store's numpy tensors."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from model_store.spec import Architecture, ModelSpec
+from sitefit.exceptions import ModelStoreError
+from worker.nets import NetConfig, SegmentationNet
+
+
+def net_config(architecture: Architecture) -> NetConfig:
+    return NetConfig(
+        num_outputs=architecture.num_outputs,
+        base_channels=architecture.base_channels,
+        levels=architecture.levels,
+        res_blocks=architecture.res_blocks,
+    )
+
+
+def architecture_of(config: NetConfig) -> Architecture:
+    return Architecture(
+        num_outputs=config.num_outputs,
+        base_channels=config.base_channels,
+        levels=config.levels,
+        res_blocks=config.res_blocks,
+    )
+
+
+def to_numpy(module: torch.nn.Module, prefix: str = "") -> dict[str, np.ndarray]:
+    """Every parameter and buffer of ``module`` as contiguous CPU numpy arrays."""
+    return {
+        prefix + key: value.detach().cpu().contiguous().numpy().copy()
+        for key, value in module.state_dict().items()
+    }
+
+
+def load_numpy(
+    module: torch.nn.Module, tensors: dict[str, np.ndarray], strict: bool = True
+) -> None:
+    """Copy numpy tensors into ``module`` in place (on its device); refuses mismatched keys."""
+    state = module.state_dict()
+    if strict and set(tensors) != set(state):
+        missing, extra = set(state) - set(tensors), set(tensors) - set(state)
+        raise ModelStoreError(
+            f"weights do not fit the architecture (missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(extra)[:3]})"
+        )
+    with torch.no_grad():
+        for key, array in tensors.items():
+            if key not in state:
+                raise ModelStoreError(f"weights hold an unknown tensor {key!r}")
+            target = state[key]
+            if tuple(target.shape) != array.shape:
+                raise ModelStoreError(
+                    f"tensor {key!r} has shape {array.shape}, expected {tuple(target.shape)}"
+                )
+            target.copy_(torch.from_numpy(array))
+
+
+def build_net(
+    spec: ModelSpec, tensors: dict[str, np.ndarray], device: torch.device
+) -> SegmentationNet:
+    """Instantiate the spec's architecture with the stored weights, in eval mode."""
+    net = SegmentationNet(net_config(spec.architecture))
+    load_numpy(net, tensors)
+    return net.to(device).eval()
