@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -31,6 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.report_file import replace_section  # noqa: E402
+from model_store import ModelStore  # noqa: E402
+from model_store.backend import FilesystemBackend  # noqa: E402
 from model_store.base_models import BaseModelRegistry  # noqa: E402
 from model_store.spec import ModelSpec  # noqa: E402
 from sitefit.exceptions import ModelNotFoundError  # noqa: E402
@@ -44,7 +47,7 @@ from worker.preprocess import PreparedScan, prepare_scan  # noqa: E402
 from worker.refinement import refine  # noqa: E402
 from worker.training import TrainConfig, train_base_model  # noqa: E402
 
-TEST_SEED, UNSEEN_SEED = 1000, 2000
+TEST_SEED, UNSEEN_SEED, SITE_SEED = 1000, 2000, 3000
 
 
 @dataclass
@@ -66,6 +69,11 @@ class DomainResult:
     refine_on_n: list[float] = field(default_factory=list)
     unseen_base: list[float] = field(default_factory=list)
     unseen_fixed: list[float] = field(default_factory=list)
+    reverted: int = 0
+    site_saved: bool = False
+    site: dict[str, list[float]] = field(default_factory=dict)
+    site_seconds: dict[str, list[float]] = field(default_factory=dict)
+    auto_paths: list[str] = field(default_factory=list)
 
 
 def cases(task: str, domain: str, n: int, seed: int, fov: float, work: Path) -> list[Case]:
@@ -165,19 +173,17 @@ def run_task(task: str, args: argparse.Namespace) -> list[DomainResult]:
         result = DomainResult(domain_name, domain.role)
         test = cases(task, domain_name, args.n_test, TEST_SEED, args.fov_mm, args.work)
         for mode in args.batchnorm:
-            settings = Settings(
-                home=home, device="cpu", refine_batchnorm=mode, refine_max_epochs=args.refine_epochs
-            )
-            engine = Engine(settings, registry)
+            # site=None: every refinement starts from the base model (one-shot, Table 2)
+            engine = make_engine(args, home, mode, args.work / "sites-unused")
             for case in test:
                 tick = time.perf_counter()
-                report = engine.run(
-                    SegmentRequest(case.image, spec.name, domain_name, "adapt", case.label)
-                ).report
-                assert report.reference is not None
+                report = engine.run(SegmentRequest(case.image, spec.name, None, "adapt",
+                                                   case.label)).report  # fmt: skip
+                assert report.reference is not None and report.guard is not None
                 if mode == args.batchnorm[0]:
                     result.base.append(report.reference.before.surface_dice or 0.0)
                     result.base_dice.append(report.reference.before.dice or 0.0)
+                    result.reverted += report.guard.verdict == "reverted"
                 result.one_shot.setdefault(mode, []).append(
                     report.reference.after.surface_dice or 0.0
                 )
@@ -190,13 +196,7 @@ def run_task(task: str, args: argparse.Namespace) -> list[DomainResult]:
             flush=True,
         )
         if not args.skip_tables13:
-            settings = Settings(
-                home=home,
-                device="cpu",
-                refine_batchnorm=args.batchnorm[0],
-                refine_max_epochs=args.refine_epochs,
-            )
-            engine = Engine(settings, registry)
+            engine = make_engine(args, home, args.batchnorm[0], args.work / "sites-unused")
             adapted = refine_on_many(engine, spec, test)
             result.refine_on_n = [evaluate(engine, spec, adapted, c) for c in test]
             unseen = cases(task, domain_name, args.n_unseen, UNSEEN_SEED, args.fov_mm, args.work)
@@ -209,8 +209,54 @@ def run_task(task: str, args: argparse.Namespace) -> list[DomainResult]:
                 f" fixed {np.mean(result.unseen_fixed):.3f}",
                 flush=True,
             )
+        if domain.role == "shifted" and not args.skip_site_cache:
+            site_cache(task, args, home, spec, domain_name, test, result)
         results.append(result)
     return results
+
+
+def make_engine(args: argparse.Namespace, home: Path, batchnorm: str, sites: Path) -> Engine:
+    settings = Settings(home=home, device="cpu", refine_batchnorm=batchnorm,  # type: ignore[arg-type]
+                        refine_max_epochs=args.refine_epochs)  # fmt: skip
+    return Engine(
+        settings,
+        ModelStore(models=FilesystemBackend(home / "models"), sites=FilesystemBackend(sites)),
+    )
+
+
+def site_cache(
+    task: str,
+    args: argparse.Namespace,
+    home: Path,
+    spec: ModelSpec,
+    domain: str,
+    test: list[Case],
+    result: DomainResult,
+) -> None:
+    """Issue 3's setting: adapt on one scan of the site, then ``cached`` and ``auto``."""
+    sites = args.work / "sites" / task / domain
+    shutil.rmtree(sites, ignore_errors=True)
+    engine = make_engine(args, home, args.batchnorm[0], sites)
+    first = cases(task, domain, 1, SITE_SEED, args.fov_mm, args.work)[0]
+    report = engine.run(SegmentRequest(first.image, spec.name, domain, "adapt", first.label)).report
+    result.site_saved = report.site_weights.saved_version is not None
+    for case in test:
+        for mode in ("cached", "auto"):
+            tick = time.perf_counter()
+            report = engine.run(SegmentRequest(case.image, spec.name, domain, mode,
+                                               case.label)).report  # fmt: skip
+            seconds = time.perf_counter() - tick
+            assert report.reference is not None
+            result.site.setdefault(mode, []).append(report.reference.after.surface_dice or 0.0)
+            result.site_seconds.setdefault(mode, []).append(seconds)
+            if mode == "auto":
+                result.auto_paths.append(report.mode_used)
+    print(
+        f"[{task}] {domain:6s} site cache: saved={result.site_saved} cached "
+        f"{np.mean(result.site['cached']):.3f} auto {np.mean(result.site['auto']):.3f} "
+        f"(paths {result.auto_paths})",
+        flush=True,
+    )
 
 
 def verdicts(task: str, results: list[DomainResult], mode: str) -> list[str]:
@@ -257,9 +303,9 @@ def markdown(
             "",
             "| domain | role | base sDice | "
             + " | ".join(f"one-shot sDice (BN {mode}) | epochs (BN {mode})" for mode in modes)
-            + " | base Dice | one-shot Dice | refine-on-N sDice | unseen: base | "
+            + " | guard reverted | base Dice | one-shot Dice | refine-on-N sDice | unseen: base | "
             "unseen: fixed adapted |",
-            "|---|---|---|" + "---|---|" * len(modes) + "---|---|---|---|---|",
+            "|---|---|---|" + "---|---|" * len(modes) + "---|---|---|---|---|---|",
         ]
         for r in results:
             cells = [r.domain, r.role, m(r.base)]
@@ -270,6 +316,7 @@ def markdown(
                     f"{statistics.mean(r.one_shot_epochs[mode]):.1f}",
                 ]
             cells += [
+                f"{r.reverted}/{len(r.base)}",
                 m(r.base_dice),
                 m(r.one_shot_dice[modes[0]]),
                 m(r.refine_on_n),
@@ -278,7 +325,47 @@ def markdown(
             ]
             out.append("| " + " | ".join(cells) + " |")
         out += ["", *[f"- {line}" for line in verdicts(task, results, modes[0])], ""]
+        out += site_cache_table(task, results, modes[0])
     return "\n".join(out)
+
+
+def site_cache_table(task: str, results: list[DomainResult], mode: str) -> list[str]:
+    rows = [r for r in results if r.site]
+    if not rows:
+        return []
+    out = [
+        f"Site cache (issue 3), task `{task}`: adapt once on a scan of the site (seed "
+        f"{SITE_SEED}), then `cached` and `auto` on the {len(rows[0].site['cached'])} test "
+        "scans above; `one-shot` is each test scan refined on itself (the table above). "
+        "Seconds are wall time per scan in one run, side by side.",
+        "",
+        "| domain | base sDice | one-shot | cached | cached / one-shot gain | auto | auto paths "
+        "| s/scan one-shot | s/scan cached | s/scan auto (cached path) | one-shot / auto |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines = []
+    for r in rows:
+        base, one = statistics.mean(r.base), statistics.mean(r.one_shot[mode])
+        cached = statistics.mean(r.site["cached"])
+        kept = (cached - base) / (one - base) if one - base > 1e-9 else float("nan")
+        fast = [t for t, p in zip(r.site_seconds["auto"], r.auto_paths, strict=True)
+                if p == "cached"]  # fmt: skip
+        adapt_s = statistics.mean(r.one_shot_seconds[mode])
+        fast_s = statistics.mean(fast) if fast else float("nan")
+        paths = f"{r.auto_paths.count('cached')} cached / {r.auto_paths.count('adapt')} adapt"
+        out.append(
+            f"| {r.domain} | {base:.3f} | {one:.3f} | {cached:.3f} | {kept:.0%} | "
+            f"{statistics.mean(r.site['auto']):.3f} | {paths} | {adapt_s:.1f} | "
+            f"{statistics.mean(r.site_seconds['cached']):.1f} | {fast_s:.1f} | "
+            f"{adapt_s / fast_s:.1f}x |"
+        )
+        lines.append(
+            f"{task} {r.domain}: cached keeps {kept:.0%} of the one-shot gain (need >= 80%): "
+            f"{'PASS' if kept >= 0.8 else 'FAIL'}; auto on its cached path is "
+            f"{adapt_s / fast_s:.1f}x faster than adapt (need >= 2x): "
+            f"{'PASS' if adapt_s / fast_s >= 2 else 'FAIL' if fast else 'n/a (no cached path)'}"
+        )
+    return [*out, "", *[f"- {line}" for line in lines], ""]
 
 
 def main() -> int:
@@ -294,6 +381,7 @@ def main() -> int:
     parser.add_argument("--batchnorm", nargs="+", default=["train", "frozen"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-tables13", action="store_true")
+    parser.add_argument("--skip-site-cache", action="store_true")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run")
     parser.add_argument("--work", type=Path, default=ROOT / "var" / "bench")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")

@@ -36,6 +36,7 @@ class TrainingInfo(BaseModel):
     epochs: int
     head_epochs: int
     learning_rate: float
+    head_learning_rate: float | None = None
     batch_size: int
     seed: int
     seconds: float

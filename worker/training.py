@@ -31,6 +31,7 @@ class TrainConfig:
     head_epochs: int = defaults.HEAD_EPOCHS
     batch_size: int = defaults.TRAIN_BATCH_SIZE
     learning_rate: float = defaults.TRAIN_LR
+    head_learning_rate: float = defaults.HEAD_LR
     seed: int = defaults.SEED
     base_channels: int = defaults.BASE_CHANNELS
     levels: int = defaults.LEVELS
@@ -105,27 +106,7 @@ def train_base_model(
             f"validation dice {final_dice:.4f} ({time.perf_counter() - tick:.1f} s)"
         )
 
-    # The early head learns from the frozen U-Net: eval mode keeps BN statistics fixed.
-    net.requires_grad_(False)
-    net.early_head.requires_grad_(True)
-    head_optimizer = torch.optim.Adam(net.early_head.parameters(), lr=config.learning_rate)
-    for epoch in range(1, config.head_epochs + 1):
-        net.eval()
-        tick = time.perf_counter()
-        losses = []
-        for images, labels in _batches(train, config.batch_size, generator, device):
-            with torch.no_grad():
-                features = net.init_path(images)
-            loss = supervised_loss(net.early_head(features), labels)
-            head_optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            head_optimizer.step()
-            losses.append(loss.item())
-        _, early_dice = _validate(net, val, num_classes, config.batch_size, device)
-        log(
-            f"early head epoch {epoch}/{config.head_epochs}: loss {np.mean(losses):.4f}, "
-            f"validation dice {early_dice:.4f} ({time.perf_counter() - tick:.1f} s)"
-        )
+    train_early_head(net, train, val, num_classes, config, generator, device, log)
 
     final_dice, early_dice = _validate(net, val, num_classes, config.batch_size, device)
     spec = ModelSpec(
@@ -144,6 +125,7 @@ def train_base_model(
             epochs=config.epochs,
             head_epochs=config.head_epochs,
             learning_rate=config.learning_rate,
+            head_learning_rate=config.head_learning_rate,
             batch_size=config.batch_size,
             seed=config.seed,
             seconds=round(time.perf_counter() - started, 2),
@@ -157,6 +139,43 @@ def train_base_model(
         f"early head {early_dice:.4f}"
     )
     return stored
+
+
+def train_early_head(
+    net: SegmentationNet,
+    train: Slices,
+    val: Slices,
+    num_classes: int,
+    config: TrainConfig,
+    generator: torch.Generator,
+    device: torch.device,
+    log: Log,
+) -> None:
+    """Train the early head against the labels with the U-Net frozen (paper §2.2).
+
+    Eval mode keeps the U-Net's BN statistics fixed; only head parameters get gradients.
+    """
+    net.requires_grad_(False)
+    net.early_head.requires_grad_(True)
+    optimizer = torch.optim.Adam(net.early_head.parameters(), lr=config.head_learning_rate)
+    for epoch in range(1, config.head_epochs + 1):
+        net.eval()
+        tick = time.perf_counter()
+        losses = []
+        for images, labels in _batches(train, config.batch_size, generator, device):
+            with torch.no_grad():
+                features = net.init_path(images)
+            loss = supervised_loss(net.early_head(features), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        _, early_dice = _validate(net, val, num_classes, config.batch_size, device)
+        log(
+            f"early head epoch {epoch}/{config.head_epochs}: loss {np.mean(losses):.4f}, "
+            f"validation dice {early_dice:.4f} ({time.perf_counter() - tick:.1f} s)"
+        )
+    net.requires_grad_(False)
 
 
 def _batches(

@@ -38,7 +38,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     train.add_argument("--epochs", type=int, default=defaults.TRAIN_EPOCHS)
     train.add_argument("--head-epochs", type=int, default=defaults.HEAD_EPOCHS)
     train.add_argument("--batch-size", type=int, default=defaults.TRAIN_BATCH_SIZE)
-    train.add_argument("--lr", type=float, default=defaults.TRAIN_LR)
+    train.add_argument("--lr", type=float, default=defaults.TRAIN_LR, help="U-Net learning rate")
+    train.add_argument(
+        "--head-lr", type=float, default=defaults.HEAD_LR, help="early head learning rate"
+    )
     train.add_argument("--seed", type=int, default=defaults.SEED)
     train.add_argument("--base-channels", type=int, default=defaults.BASE_CHANNELS)
     train.add_argument("--slice-axis", type=int, default=2, help="canonical (RAS) axis, 0-2")
@@ -90,6 +93,7 @@ def run_train(args: argparse.Namespace) -> int:
         head_epochs=args.head_epochs,
         batch_size=args.batch_size,
         learning_rate=args.lr,
+        head_learning_rate=args.head_lr,
         seed=args.seed,
         base_channels=args.base_channels,
         slice_axis=args.slice_axis,

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from model_store import ModelStore
+from model_store.backend import FilesystemBackend
 from sitefit.exceptions import InvalidInputError
 from sitefit.settings import Settings
+from tests.conftest import PhantomCase
 from worker.engine import Engine, SegmentRequest
 from worker.refinement import mutable_state
-
-from tests.conftest import PhantomCase
 
 GUARD_SIGNALS = {
     "agreement_start_vs_adapted_dice", "volume_change", "entropy_before", "entropy_after",
@@ -30,7 +30,10 @@ def home_settings(settings: Settings, tmp_path: Path) -> Settings:
 
 @pytest.fixture
 def engine(home_settings: Settings, settings: Settings) -> Engine:
-    store = ModelStore(models=settings.models_dir, sites=home_settings.sites_dir)
+    store = ModelStore(
+        models=FilesystemBackend(settings.models_dir),
+        sites=FilesystemBackend(home_settings.sites_dir),
+    )
     return Engine(home_settings, store)
 
 

@@ -10,10 +10,9 @@ import torch
 from model_store.base_models import BaseModelRegistry
 from sitefit.exceptions import DatasetError
 from sitefit.settings import Settings
+from tests.conftest import TINY_TRAINING, TRAINING_LOGS
 from worker.training import TrainConfig, train_base_model
 from worker.weights import build_net
-
-from tests.conftest import TINY_TRAINING, TRAINING_LOGS
 
 
 def test_registered_model_has_a_complete_spec(settings: Settings, brain_model: str) -> None:
