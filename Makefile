@@ -4,7 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: run test lint typecheck bench-quality clean
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test lint typecheck bench-quality clean redis
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,11 +17,19 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
+# Builds the demo model if missing, segments a shifted phantom, then serves the API in
+# embedded mode (no Redis) on 127.0.0.1 and prints the /docs URL and a ready curl line.
 run: $(STAMP)
 	$(BIN)/sitefit demo
+	$(BIN)/sitefit serve
+
+# The integration tests start a private redis-server; install it where it is missing.
+redis:
+	@command -v redis-server >/dev/null 2>&1 || { $(SUDO) apt-get update -q && \
+		$(SUDO) apt-get install -y -q --no-install-recommends redis-server; }
 
 # pytest exits 5 when it collects no tests: make treats any non-zero exit as failure.
-test: $(STAMP)
+test: $(STAMP) redis
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

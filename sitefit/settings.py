@@ -102,7 +102,7 @@ class Settings(BaseSettings):
             if len(key) < 16 or not key.isascii() or not key.isprintable() or " " in key:
                 raise ValueError("each API key must be at least 16 printable ASCII characters")
             if not sites:
-                raise ValueError("each API key needs a list of sites (or [\"*\"] for all)")
+                raise ValueError('each API key needs a list of sites (or ["*"] for all)')
             for site in sites:
                 if site != "*" and not SITE_NAME.fullmatch(site):
                     raise ValueError(f"API key sites must be valid site names, not {site!r}")

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from sitefit.exceptions import SitefitError
-from sitefit.job_store import MASK, REPORT, JobNotFoundError, JobRecord, JobStore, Progress
+from sitefit.job_store import MASK, REPORT, JobStore
+from sitefit.jobs import JobNotFoundError, JobRecord, Progress
 from sitefit.report import Report
 from sitefit.volume import save_image_atomic
 from worker.engine import Progress as EngineProgress

@@ -5,9 +5,9 @@ reload every model for every job. :class:`SitefitWorker` is an RQ ``SimpleWorker
 in the worker's main thread), so the one :class:`~worker.engine.Engine` built at start keeps
 its device and warm weights for the life of the process.
 
-Safety: jobs are (de)serialized with RQ's ``JSONSerializer``, never pickle, and
-:class:`SitefitJob` runs nothing but :data:`~sitefit.job_store.QUEUED_FUNCTION` with one job
-id argument: a job hash written by anyone else naming another function (``os.system``) or a
+Safety: jobs are (de)serialized with RQ's ``JSONSerializer``, never pickle, and the job
+class (:class:`worker.rq_jobs.SitefitJob`) runs nothing but the sitefit job function with one
+job id: a job hash written by anyone else naming another function (``os.system``) or a
 callback is refused without importing anything.
 
 Liveness: a SimpleWorker does not heartbeat while a job runs, so its StartedJobRegistry entry
@@ -22,11 +22,9 @@ fails it with ``AbandonedJobError``; the API copies that outcome into the job st
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
-from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any
 
 import redis
 from prometheus_client import CollectorRegistry, start_http_server
@@ -37,53 +35,12 @@ from rq.serializers import JSONSerializer
 from rq.timeouts import UnixSignalDeathPenalty
 from rq.worker import SimpleWorker, WorkerStatus
 
-from sitefit.job_store import QUEUED_FUNCTION, JobStore, check_job_id
+from sitefit.job_store import JobStore
 from sitefit.settings import Settings
 from worker.job import JobTimedOut, run_job
+from worker.rq_jobs import SitefitJob, UntrustedJobError, bound_job_class
 
 log = logging.getLogger("sitefit.worker")
-Runner = Callable[[str], object]
-
-
-class UntrustedJobError(Exception):
-    """A job hash in the queue asks for something other than a sitefit job."""
-
-
-class SitefitJob(Job):
-    """An RQ job that can only run the bound sitefit runner on one job id."""
-
-    runner: ClassVar[Runner | None] = None
-
-    @property
-    def func(self) -> Callable[..., object]:
-        if self.func_name != QUEUED_FUNCTION:
-            raise UntrustedJobError("refused: not a sitefit job (unexpected function name)")
-        args, kwargs = self.args, self.kwargs
-        if kwargs or len(args) != 1 or not isinstance(args[0], str):
-            raise UntrustedJobError("refused: a sitefit job takes exactly one job id")
-        job_id = check_job_id(args[0])
-        runner = type(self).runner
-        if runner is None:
-            raise UntrustedJobError("refused: this process runs no sitefit jobs")
-        return lambda *_args, **_kwargs: runner(job_id)
-
-    # Callbacks are named in the job hash and would be imported by name: never run any.
-    @property
-    def success_callback(self) -> None:
-        return None
-
-    @property
-    def failure_callback(self) -> None:
-        return None
-
-    @property
-    def stopped_callback(self) -> None:
-        return None
-
-
-def bound_job_class(runner: Runner) -> type[SitefitJob]:
-    """A :class:`SitefitJob` subclass whose jobs call ``runner(job_id)``."""
-    return type("BoundSitefitJob", (SitefitJob,), {"runner": staticmethod(runner)})
 
 
 class _TimeLimit(UnixSignalDeathPenalty):
@@ -160,20 +117,18 @@ def run_worker(settings: Settings, metrics_port: int | None = None, *, burst: bo
             maintenance_interval=max(10, 3 * settings.worker_heartbeat_s),
         )
         worker.heartbeat_s = settings.worker_heartbeat_s
+        started = time.monotonic()
         try:
             worker.work(burst=burst, logging_level="INFO")
         except redis.RedisError as error:
-            log.error("lost Redis (%s); reconnecting in %.0f s", type(error).__name__, backoff)
+            log.error("lost Redis (%s)", type(error).__name__)
         if burst or getattr(worker, "stop_requested_by_signal", False):
             return 0
+        if time.monotonic() - started > 60:
+            backoff = 1.0  # it ran a while: this is a new problem, retry soon
+        log.warning("worker loop ended; starting a new one in %.0f s", backoff)
         time.sleep(backoff)
         backoff = min(backoff * 2, 30.0)
-
-
-def install_default_signals() -> None:
-    """Restore default SIGINT/SIGTERM (a parent may have ignored them)."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 __all__ = ["SitefitJob", "SitefitWorker", "UntrustedJobError", "bound_job_class", "run_worker"]

@@ -123,7 +123,7 @@ class _LiveCollector(Collector):
         yield from _gpu_memory()
 
     def _cache_stats(self) -> _CacheStats | None:
-        cache = getattr(self.engine, "cache", None)
+        cache = getattr(self.engine, "site_models", None)  # the engine's warm site-model cache
         stats = cache.stats() if cache is not None and hasattr(cache, "stats") else None
         return stats if isinstance(stats, _CacheStats) else None
 

@@ -1,0 +1,79 @@
+"""The app factory: ``create_app(settings)`` -> a FastAPI app serving the ``/v1`` contract.
+
+Everything the routes need is built here from the settings passed in (no module globals), so
+tests create as many apps as they like. The lifespan starts the job queue (Redis, or the
+embedded worker thread when ``settings.redis_url`` is unset) and a maintenance loop that,
+every ``maintenance_interval_s``, deletes expired job data and reconciles the store with the
+queue (jobs of dead workers). This package never imports torch; the embedded worker thread
+imports the engine when it starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from fastapi.concurrency import run_in_threadpool
+
+import sitefit
+from server.errors import install_error_handlers
+from server.metrics import MetricsMiddleware
+from server.queues import JobQueue
+from server.routes import jobs, models, ops, sites
+from server.services import Services
+from sitefit.settings import Settings
+
+log = logging.getLogger("sitefit.server")
+
+
+def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
+    """Build the API for ``settings`` (``queue``: override the queue chosen from settings)."""
+    services = Services.build(settings, queue)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await run_in_threadpool(services.queue.start)
+        task = asyncio.create_task(_maintain_forever(services))
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await run_in_threadpool(services.queue.stop)
+
+    app = FastAPI(
+        title="sitefit",
+        version=sitefit.__version__,
+        summary="Segmentation that adapts its early U-Net layers to each scanner site.",
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    install_error_handlers(app)
+    app.add_middleware(MetricsMiddleware, metrics=services.metrics)
+    for module in (jobs, models, sites, ops):
+        app.include_router(module.router)
+    return app
+
+
+def maintain_once(services: Services) -> None:
+    """One maintenance pass: expired job data, then dead or lost jobs (each on its own)."""
+    try:
+        deleted = services.store.sweep()
+        if deleted:
+            log.info("retention: deleted %d expired job(s)", deleted)
+    except Exception as error:  # e.g. storage unreachable: try again next time
+        log.warning("retention pass failed: %s: %s", type(error).__name__, error)
+    try:
+        services.queue.maintain()
+    except Exception as error:  # e.g. Redis down: try again next time
+        log.warning("queue maintenance failed: %s: %s", type(error).__name__, error)
+
+
+async def _maintain_forever(services: Services) -> None:
+    while True:
+        await run_in_threadpool(maintain_once, services)
+        await asyncio.sleep(services.settings.maintenance_interval_s)

@@ -1,0 +1,143 @@
+"""The HTTP errors of the API and the one place where exceptions become status codes.
+
+Route code raises exceptions (sitefit's own, or the request errors below); :func:`status_of`
+maps each class to a status, and the handlers installed by :func:`install_error_handlers`
+answer ``{"detail": "<one line>"}``. Messages are the exceptions' own one-line texts, which
+never hold PHI; anything unexpected is a 500 whose body says only that, with the traceback in
+the server log.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.requests import ClientDisconnect
+
+from sitefit.exceptions import (
+    DeviceUnavailableError,
+    InvalidInputError,
+    ModelNotFoundError,
+    ModelStoreError,
+    SitefitError,
+    SiteNotFoundError,
+)
+from sitefit.job_store import JobStorageError
+from sitefit.jobs import JobNotFoundError
+
+log = logging.getLogger("sitefit.server")
+
+
+class ErrorResponse(BaseModel):
+    detail: str
+
+
+class UnauthorizedError(SitefitError):
+    """No API key, or an unknown one."""
+
+
+class ForbiddenError(SitefitError):
+    """The API key is valid but not for this site."""
+
+
+class MalformedRequestError(InvalidInputError):
+    """The request itself is broken: not parseable multipart, a missing field."""
+
+
+class PayloadTooLargeError(InvalidInputError):
+    """The request body is larger than the configured limit."""
+
+
+class UnsupportedMediaTypeError(InvalidInputError):
+    """Not multipart/form-data, or a file that is neither NIfTI nor a zip."""
+
+
+class ResultNotReadyError(SitefitError):
+    """The job has no mask or report (yet, or because it failed)."""
+
+
+class QueueUnavailableError(SitefitError):
+    """The job queue (Redis, or the embedded worker) cannot take jobs right now."""
+
+
+_STATUS: list[tuple[type[BaseException], int]] = [
+    (UnauthorizedError, 401),
+    (ForbiddenError, 403),
+    (JobNotFoundError, 404),
+    (SiteNotFoundError, 404),
+    (ResultNotReadyError, 409),
+    (PayloadTooLargeError, 413),
+    (UnsupportedMediaTypeError, 415),
+    (MalformedRequestError, 400),
+    (ClientDisconnect, 400),
+    (ModelNotFoundError, 422),  # models are only named in uploads: the upload is invalid
+    (InvalidInputError, 422),
+    (QueueUnavailableError, 503),
+    (DeviceUnavailableError, 503),
+    (ModelStoreError, 500),
+    (SitefitError, 500),
+]
+
+
+def status_of(error: BaseException) -> int:
+    """The HTTP status for an exception: the first matching class in the table above."""
+    if isinstance(error, JobStorageError) and error.disk_full:
+        return 507
+    for kind, status in _STATUS:
+        if isinstance(error, kind):
+            return status
+    return 500
+
+
+def error_response(error: BaseException) -> JSONResponse:
+    status = status_of(error)
+    if isinstance(error, SitefitError):
+        detail = str(error)
+    elif isinstance(error, ClientDisconnect):
+        detail = "the client disconnected before the upload was complete"
+    else:
+        detail = "internal server error; see the server log"
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    if status >= 500:
+        log.error("%d: %s", status, detail, exc_info=not isinstance(error, SitefitError))
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def handle(_request: Request, error: Exception) -> JSONResponse:
+        return error_response(error)
+
+    app.add_exception_handler(SitefitError, handle)
+    app.add_exception_handler(ClientDisconnect, handle)
+    app.add_exception_handler(Exception, handle)
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in (
+        (401, "no API key, or an unknown one"),
+        (403, "the API key may not use this site"),
+        (503, "the job queue is unavailable"),
+    )
+}
+"""Responses every authenticated route can give, for the OpenAPI document."""
+
+
+def responses(*codes: int) -> dict[int | str, dict[str, object]]:
+    """OpenAPI ``responses`` for a route: the common ones plus ``codes``."""
+    texts = {
+        400: "malformed request",
+        404: "unknown (or expired) object",
+        409: "the job has no result (yet)",
+        413: "upload too large",
+        415: "not multipart/form-data, or an unsupported file type",
+        422: "invalid input: the message says what is wrong",
+        500: "server error: the message says what failed",
+        507: "job storage is full",
+    }
+    extra: dict[int | str, dict[str, object]] = {
+        code: {"model": ErrorResponse, "description": texts[code]} for code in codes
+    }
+    return {**ERROR_RESPONSES, **extra}

@@ -1,0 +1,143 @@
+"""Where the API sends jobs: the :class:`JobQueue` interface and the embedded implementation.
+
+Two implementations, chosen by ``SITEFIT_REDIS_URL``: :class:`~server.queue_redis.RedisQueue`
+(RQ on Redis, jobs run by ``sitefit worker`` processes anywhere) and :class:`EmbeddedQueue`
+(no Redis: one worker thread inside the API process runs the same job function,
+:func:`worker.job.run_job`, with one engine). The job's state always lives in the job store;
+a queue only moves job ids and keeps them from being lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from typing import TYPE_CHECKING, Literal, Protocol
+
+from prometheus_client import CollectorRegistry
+
+from server.errors import QueueUnavailableError
+from sitefit.job_store import JobStorageError, JobStore
+from sitefit.jobs import JobNotFoundError, Progress
+from sitefit.settings import Settings
+
+if TYPE_CHECKING:
+    from worker.job import SegmentationEngine
+
+log = logging.getLogger("sitefit.server")
+
+
+class JobQueue(Protocol):
+    kind: Literal["redis", "embedded"]
+
+    def start(self) -> None:
+        """Connect, or start the worker thread."""
+
+    def stop(self) -> None: ...
+
+    def problem(self) -> str | None:
+        """``None`` when jobs can be queued, else why not (for /readyz and 503s)."""
+
+    def submit(self, job_id: str) -> None:
+        """Queue a stored job; :class:`QueueUnavailableError` when that is impossible."""
+
+    def cancel(self, job_id: str) -> None:
+        """Best effort: keep a queued job from starting (running jobs see the store)."""
+
+    def depth(self) -> int | None:
+        """Jobs waiting to start; ``None`` when unknown."""
+
+    def maintain(self) -> None:
+        """Reconcile the store with the queue: dead workers' jobs, lost jobs."""
+
+
+class EmbeddedQueue:
+    """A FIFO of job ids and one worker thread that builds one engine and runs them."""
+
+    kind: Literal["redis", "embedded"] = "embedded"
+
+    def __init__(self, settings: Settings, store: JobStore, registry: CollectorRegistry) -> None:
+        self.settings = settings
+        self.store = store
+        self.registry = registry
+        self._ids: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._failure: str | None = None
+
+    def start(self) -> None:
+        self._recover()
+        self._thread = threading.Thread(target=self._work, name="sitefit-embedded", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._ids.put(None)
+            self._thread.join(timeout=30)
+
+    def problem(self) -> str | None:
+        if self._failure is not None:
+            return f"embedded worker failed: {self._failure}"
+        if self._thread is None or not self._thread.is_alive():
+            return "embedded worker is not running"
+        return None
+
+    def submit(self, job_id: str) -> None:
+        problem = self.problem()
+        if problem is not None:
+            raise QueueUnavailableError(f"job queue unavailable: {problem}")
+        self._ids.put(job_id)
+
+    def cancel(self, job_id: str) -> None:
+        """Nothing to do: the worker thread skips jobs that have ended in the store."""
+
+    def depth(self) -> int | None:
+        return self._ids.qsize()
+
+    def maintain(self) -> None:
+        """Nothing to reconcile: a dead thread means a dead process (see :meth:`_recover`)."""
+
+    def _recover(self) -> None:
+        """Jobs a previous process left active: queued ones run again, running ones failed."""
+        try:
+            job_ids = self.store.job_ids()
+        except JobStorageError as error:  # the app starts anyway; /readyz says what is wrong
+            log.error("cannot recover jobs: %s", error)
+            return
+        for job_id in job_ids:
+            try:
+                state = self.store.state(job_id)
+            except (JobNotFoundError, JobStorageError):
+                continue
+            if state.status == "running":
+                self.store.end(job_id, "failed", "the server stopped while the job was running")
+            elif state.status == "queued":
+                self._ids.put(job_id)
+
+    def _work(self) -> None:
+        try:
+            from worker.engine import Engine
+            from worker.job import run_job
+            from worker.worker_metrics import WorkerMetrics
+
+            engine: SegmentationEngine = Engine(self.settings)
+            metrics = WorkerMetrics(self.registry, engine)
+        except Exception as error:  # e.g. the device is unavailable
+            self._failure = f"{type(error).__name__}: {error}"
+            log.exception("embedded worker cannot start")
+            return
+        while (job_id := self._ids.get()) is not None:
+            try:
+                run_job(
+                    job_id,
+                    self.store,
+                    engine,
+                    timeout_s=self.settings.job_timeout_s,
+                    observer=metrics.observe,
+                )
+            except Exception:
+                log.exception("job %s: unexpected error", job_id)
+
+
+def requeued(progress: Progress, note: str) -> Progress:
+    """The progress of a job put back in the queue after its worker died."""
+    return Progress(status="queued", attempt=progress.attempt, note=note)

@@ -1,0 +1,111 @@
+"""Service commands: ``sitefit serve`` (the HTTP API) and ``sitefit worker`` (an RQ worker).
+
+``serve`` runs jobs on an in-process worker thread when ``SITEFIT_REDIS_URL`` is unset
+(embedded mode), else queues them on Redis for ``sitefit worker`` processes. Without API keys
+it only binds to loopback (``Settings`` refuses anything else) and says so at start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from pydantic import ValidationError
+
+from sitefit.exceptions import InvalidInputError
+from sitefit.settings import Settings
+
+if TYPE_CHECKING:
+    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def register(subparsers: Subparsers) -> None:
+    serve = subparsers.add_parser("serve", help="run the HTTP API (embedded worker w/o Redis)")
+    serve.add_argument("--host", default=None, help="bind address (default $SITEFIT_HOST)")
+    serve.add_argument("--port", type=int, default=None, help="port (default $SITEFIT_PORT)")
+    serve.set_defaults(handler=run_serve)
+
+    worker = subparsers.add_parser("worker", help="run an RQ worker for $SITEFIT_REDIS_URL")
+    worker.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus here")
+    worker.add_argument("--burst", action="store_true", help="quit when the queue is empty")
+    worker.set_defaults(handler=run_worker)
+
+
+def redacted(url: str) -> str:
+    """A Redis URL without its password, for messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return parts._replace(netloc=f"{parts.username or ''}:***@{host}{port}").geturl()
+
+
+def _settings(**overrides: Any) -> Settings:
+    """Settings from the environment (and flags); a bad combination is one clear line."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "settings"
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise InvalidInputError(f"invalid configuration ({where}): {message}") from None
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server import create_app
+
+    overrides: dict[str, Any] = {}
+    if args.host is not None:
+        overrides["host"] = args.host
+    if args.port is not None:
+        overrides["port"] = args.port
+    settings = _settings(**overrides)
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    if not settings.api_keys:
+        print(
+            "sitefit: no API keys configured (SITEFIT_API_KEYS): authentication is off, "
+            f"so the server binds to loopback only ({settings.host})",
+            flush=True,
+        )
+    if settings.redis_url is None:
+        print("sitefit: embedded mode: jobs run in this process (SITEFIT_REDIS_URL unset)")
+    else:
+        print(f"sitefit: jobs are queued on {redacted(settings.redis_url)} for `sitefit worker`")
+    print(f"sitefit: API docs at http://{settings.host}:{settings.port}/docs", flush=True)
+    hint = demo_curl(settings)
+    if hint:
+        print(f"sitefit: try it with the demo phantom:\n  {hint}", flush=True)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    return 0
+
+
+def demo_curl(settings: Settings) -> str | None:
+    """A ready `curl` upload of the demo phantom, once `sitefit demo` has written it."""
+    from sitefit.cli.engine_commands import DEMO_MODEL, DEMO_TARGET_DOMAIN
+
+    scans = sorted((settings.home / "demo" / "target" / "imagesTr").glob("*.nii.gz"))
+    if not scans or not (settings.models_dir / DEMO_MODEL).is_dir():
+        return None
+    auth = ' -H "Authorization: Bearer $KEY"' if settings.api_keys else ""
+    return (
+        f"curl{auth} -F file=@{scans[0]} -F model={DEMO_MODEL} -F site={DEMO_TARGET_DOMAIN} "
+        f"-F mode=adapt http://{settings.host}:{settings.port}/v1/jobs"
+    )
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    from worker.queue_worker import run_worker as work
+
+    settings = _settings()
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    if settings.redis_url is None:
+        raise InvalidInputError("sitefit worker needs SITEFIT_REDIS_URL (the job queue's Redis)")
+    print(f"sitefit: worker for queue {settings.queue_name!r} on {redacted(settings.redis_url)}")
+    return work(settings, args.metrics_port, burst=args.burst)

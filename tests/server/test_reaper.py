@@ -1,0 +1,89 @@
+"""The API's reaper on a real Redis: abandoned jobs end, and no callback named in Redis runs."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+from rq import Callback, Queue, Retry
+from rq.executions import Execution
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
+
+from server.queue_redis import RedisQueue
+from sitefit.job_store import JobStore
+from sitefit.jobs import QUEUED_FUNCTION, JobRecord, Progress, new_job_id
+from tests.server.helpers import service_settings
+from tests.server.processes import RedisProcess
+
+
+def record(job: Any, *args: Any) -> None:
+    """Leaves a marker if the reaper ever imports and calls a callback named in a job hash."""
+    Path(job.meta["marker"]).write_text("callback ran in the API")
+
+
+def _abandoned(
+    connection: redis.Redis, queue_name: str, marker: Path, job_id: str | None = None, **kw: Any
+) -> Job:
+    """A job a worker started and then died on: STARTED, its execution about to expire."""
+    queue = Queue(queue_name, connection=connection, serializer=JSONSerializer)
+    job_id = job_id or new_job_id()
+    job = queue.enqueue_call(
+        QUEUED_FUNCTION,
+        args=(job_id,),
+        job_id=job_id,
+        on_failure=Callback("tests.server.test_reaper.record"),
+        meta={"marker": str(marker)},
+        **kw,
+    )
+    queue.remove(job)
+    with connection.pipeline() as pipeline:
+        Execution.create(job, ttl=1, pipeline=pipeline, worker_name="dead-worker")
+        job.set_status(JobStatus.STARTED, pipeline=pipeline)
+        pipeline.execute()
+    return job
+
+
+def test_reaper_fails_abandoned_jobs_without_importing_their_callbacks(
+    tmp_path: Path, redis_server: RedisProcess
+) -> None:
+    settings = service_settings(tmp_path, redis_url=redis_server.url, queue_name="reaper")
+    connection = redis.Redis.from_url(redis_server.url)
+    marker = tmp_path / "marker"
+    job = _abandoned(connection, "reaper", marker)
+    reaper = RedisQueue(settings, JobStore.from_settings(settings))
+    time.sleep(2.1)  # the execution's heartbeat TTL (1 s) has passed
+    reaper.maintain()
+    assert Job.fetch(job.id, connection=connection, serializer=JSONSerializer).get_status() == (
+        JobStatus.FAILED
+    )
+    assert not marker.exists()
+
+
+def test_reaper_requeues_with_a_retry_left_and_says_so_in_the_store(
+    tmp_path: Path, redis_server: RedisProcess
+) -> None:
+    settings = service_settings(tmp_path, redis_url=redis_server.url, queue_name="reaper-retry")
+    store = JobStore.from_settings(settings)
+    job_id = new_job_id()
+    with store.receiving(job_id) as staging:
+        record = JobRecord(
+            id=job_id,
+            created_at=time.time(),
+            model="m",
+            site="s",
+            mode="none",
+            scan_file="scan.nii.gz",
+        )
+        store.publish(staging, record)
+    store.set_progress(job_id, Progress(status="running", stage="adapting", attempt=1))
+    connection = redis.Redis.from_url(redis_server.url)
+    _abandoned(connection, "reaper-retry", tmp_path / "m", job_id, retry=Retry(max=1))
+    time.sleep(2.1)
+    RedisQueue(settings, store).maintain()
+    state = store.state(job_id)
+    assert state.status == "queued" and state.progress.attempt == 1
+    assert "stopped (killed or crashed)" in (state.progress.note or "")
+    assert Queue("reaper-retry", connection=connection).job_ids == [job_id]

@@ -1,0 +1,50 @@
+"""Redis stops while the API runs: not ready, uploads 503, reads still work, then recovery."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from tests.conftest import PhantomCase
+from tests.server.helpers import client, service_settings, upload, wait_for_status
+from tests.server.processes import RedisProcess
+
+
+def test_api_survives_a_redis_outage_and_recovers(
+    service_home: Path, brain_model: str, shifted_brain_case: PhantomCase, tmp_path: Path
+) -> None:
+    private = RedisProcess(tmp_path)
+    private.start()
+    settings = service_settings(service_home, redis_url=private.url, queue_name="outage")
+    try:
+        with client(settings) as api:
+            assert api.get("/readyz").status_code == 200
+            before = upload(api, shifted_brain_case.image, brain_model)
+            assert before.status_code == 202
+            job_id = before.json()["id"]
+
+            private.stop()
+            ready = api.get("/readyz")
+            assert ready.status_code == 503
+            assert "Redis unreachable" in ready.json()["checks"]["queue"]
+            started = time.monotonic()
+            refused = upload(api, shifted_brain_case.image, brain_model)
+            assert time.monotonic() - started < 15  # an answer, not a hang
+            assert refused.status_code == 503
+            assert "job queue unavailable" in refused.json()["detail"]
+            assert api.get(f"/v1/jobs/{job_id}").json()["status"] == "queued"  # reads work
+            assert "sitefit_queue_depth" not in api.get("/metrics").text
+
+            private.start()  # same port, empty: Redis kept nothing (no persistence)
+            assert api.get("/readyz").status_code == 200
+            after = upload(api, shifted_brain_case.image, brain_model)
+            assert after.status_code == 202, after.text
+            # the job queued before the outage is gone from Redis: it must not stay queued
+            lost = wait_for_status(api, job_id, ("failed",), timeout=30)
+            assert "lost from the queue" in lost["error"]
+            assert api.get(f"/v1/jobs/{after.json()['id']}").json()["status"] == "queued"
+    finally:
+        private.stop()
+    assert not [
+        p for p in (service_home / "jobs").iterdir() if p.name == ".incoming" and any(p.iterdir())
+    ]

@@ -1,0 +1,131 @@
+"""The job store: publish, status, the exclusive terminal state, cancel, retention."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from sitefit.job_store import MASK, REPORT, JobStorageError, JobStore
+from sitefit.jobs import JobNotFoundError, JobRecord, Progress, new_job_id
+
+
+def _store(tmp_path: Path, retention: float = 3600, stale: float = 7200) -> JobStore:
+    return JobStore(tmp_path / "jobs", retention, stale)
+
+
+def _publish(store: JobStore, created: float | None = None) -> str:
+    job_id = new_job_id()
+    with store.receiving(job_id) as staging:
+        (staging / "scan.nii.gz").write_bytes(b"scan")
+        record = JobRecord(
+            id=job_id,
+            created_at=time.time() if created is None else created,
+            model="m",
+            site="site-a",
+            mode="auto",
+            scan_file="scan.nii.gz",
+        )
+        store.publish(staging, record)
+    return job_id
+
+
+def test_published_job_is_queued_and_nothing_is_left_in_incoming(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    job_id = _publish(store)
+    state = store.state(job_id)
+    assert state.status == "queued" and state.record.site == "site-a"
+    assert store.path(job_id, "scan.nii.gz").read_bytes() == b"scan"
+    assert list((store.root / ".incoming").iterdir()) == []
+    assert store.job_ids() == [job_id]
+
+
+def test_failed_upload_leaves_nothing(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    job_id = new_job_id()
+    with pytest.raises(RuntimeError), store.receiving(job_id) as staging:
+        (staging / "scan.nii").write_bytes(b"x")
+        raise RuntimeError("validation failed")
+    assert store.job_ids() == [] and list((store.root / ".incoming").iterdir()) == []
+
+
+@pytest.mark.parametrize("bad", ["../../etc", "ABC", "0" * 31, "x" * 32, ""])
+def test_ids_that_are_not_32_hex_digits_are_unknown(tmp_path: Path, bad: str) -> None:
+    with pytest.raises(JobNotFoundError):
+        _store(tmp_path).state(bad)
+
+
+def test_terminal_state_is_claimed_once(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    job_id = _publish(store)
+    wins: list[bool] = []
+    barrier = threading.Barrier(8)
+
+    def claim(status: str) -> None:
+        barrier.wait()
+        wins.append(store.end(job_id, "finished" if status == "f" else "canceled"))
+
+    threads = [threading.Thread(target=claim, args=("fc"[i % 2],)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert wins.count(True) == 1
+    assert store.state(job_id).status in ("finished", "canceled")
+
+
+def test_cancel_keeps_a_small_record_and_deletes_data(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    job_id = _publish(store)
+    store.set_progress(job_id, Progress(status="running", stage="adapting", epoch=2))
+    assert store.state(job_id).status == "running"
+    assert store.cancel(job_id) == "canceled"
+    state = store.state(job_id)
+    assert state.status == "canceled" and state.error
+    assert not store.path(job_id, "scan.nii.gz").exists()
+    assert store.end(job_id, "finished") is False  # a worker finishing late loses
+    assert store.cancel(job_id) == "canceled"  # deleting again removes the record
+    with pytest.raises(JobNotFoundError):
+        store.state(job_id)
+
+
+def test_deleting_a_finished_job_removes_it(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    job_id = _publish(store)
+    store.write_result(job_id, REPORT, b"{}")
+    assert store.end(job_id, "finished")
+    assert store.cancel(job_id) == "finished"
+    with pytest.raises(JobNotFoundError):
+        store.state(job_id)
+    with pytest.raises(JobNotFoundError):
+        store.write_result(job_id, MASK, b"late")  # never recreates a deleted job
+
+
+def test_retention_expires_ended_jobs_and_stale_uploads(tmp_path: Path) -> None:
+    store = _store(tmp_path, retention=10, stale=100)
+    ended, active = _publish(store), _publish(store)
+    store.end(ended, "failed", "boom")
+    now = time.time()
+    assert store.state(ended, now=now + 5).status == "failed"
+    with pytest.raises(JobNotFoundError):
+        store.state(ended, now=now + 11)  # expired: reads as unknown, and is deleted
+    assert not store.job_dir(ended).exists()
+    assert store.sweep(now=now + 50) == 0  # an active job outlives the retention ...
+    assert store.state(active, now=now + 50).status == "queued"
+    assert store.sweep(now=now + 200) == 1  # ... until it is stale
+    assert store.job_ids() == []
+    (store.root / ".incoming" / new_job_id()).mkdir(parents=True)
+    store.sweep(now=time.time() + 200)
+    assert list((store.root / ".incoming").iterdir()) == []
+
+
+def test_unwritable_root_is_a_storage_error_with_a_message(tmp_path: Path) -> None:
+    (tmp_path / "jobs").write_bytes(b"a file where the jobs directory should be")
+    store = _store(tmp_path)
+    with (
+        pytest.raises(JobStorageError, match="job storage: cannot create"),
+        store.receiving(new_job_id()),
+    ):
+        pass

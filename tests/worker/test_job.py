@@ -1,0 +1,123 @@
+"""The job function on a real engine and a real job store: each outcome and what it leaves."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from sitefit.job_store import MASK, REPORT, JobStore
+from sitefit.jobs import JobRecord, new_job_id
+from sitefit.report import Report
+from sitefit.settings import Settings
+from tests.conftest import PhantomCase
+from worker.engine import Engine, ProgressCallback, SegmentRequest, SegmentResult
+from worker.job import JobEnded, run_job
+
+
+@pytest.fixture(scope="module")
+def engine(settings: Settings) -> Engine:
+    return Engine(settings)
+
+
+def _publish(store: JobStore, scan: Path, model: str, mode: str = "adapt") -> str:
+    job_id = new_job_id()
+    suffix = ".nii.gz" if scan.name.endswith(".gz") else ".nii"
+    with store.receiving(job_id) as staging:
+        (staging / f"scan{suffix}").write_bytes(scan.read_bytes())
+        record = JobRecord(
+            id=job_id,
+            created_at=time.time(),
+            model=model,
+            site="site-a",
+            mode=mode,  # type: ignore[arg-type]
+            scan_file=f"scan{suffix}",
+        )
+        store.publish(staging, record)
+    return job_id
+
+
+def _store(tmp_path: Path) -> JobStore:
+    return JobStore(tmp_path / "jobs", 3600, 7200)
+
+
+def test_finished_job_stores_mask_report_and_progress(
+    tmp_path: Path, engine: Engine, brain_model: str, shifted_brain_case: PhantomCase
+) -> None:
+    store = _store(tmp_path)
+    job_id = _publish(store, shifted_brain_case.image, brain_model)
+    events: list[JobEnded] = []
+    assert run_job(job_id, store, engine, observer=events.append) == "finished"
+    state = store.state(job_id)
+    assert state.status == "finished" and state.progress.stage == "done"
+    report = Report.model_validate_json(store.path(job_id, REPORT).read_bytes())
+    assert state.progress.dice_trace == pytest.approx(report.refinement.dice_trace, abs=1e-6)
+    mask = nib.load(store.path(job_id, MASK))
+    assert mask.shape == nib.load(shifted_brain_case.image).shape
+    (event,) = events
+    assert event.outcome == "finished" and event.attempt == 1 and event.report == report
+    assert run_job(job_id, store, engine) == "skipped"  # an ended job never runs again
+
+
+def test_unusable_scan_fails_with_the_engines_message(
+    tmp_path: Path, engine: Engine, brain_model: str
+) -> None:
+    constant = tmp_path / "constant.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.float32), np.eye(4)), constant)
+    store = _store(tmp_path)
+    job_id = _publish(store, constant, brain_model)
+    assert run_job(job_id, store, engine) == "failed"
+    state = store.state(job_id)
+    assert state.status == "failed" and "every voxel has the value 1" in (state.error or "")
+    assert not store.path(job_id, MASK).exists()
+
+
+class _CancelOnFirstProgress:
+    """The real engine, with the job canceled (as DELETE does) at its first progress report."""
+
+    def __init__(self, engine: Engine, store: JobStore, job_id: str) -> None:
+        self.engine, self.store, self.job_id = engine, store, job_id
+
+    def run(
+        self, request: SegmentRequest, progress: ProgressCallback | None = None
+    ) -> SegmentResult:
+        assert progress is not None
+
+        def relay(update: object) -> None:
+            self.store.cancel(self.job_id)
+            progress(update)  # type: ignore[arg-type]
+
+        return self.engine.run(request, relay)
+
+
+def test_canceled_while_running_stops_and_keeps_no_results(
+    tmp_path: Path, engine: Engine, brain_model: str, shifted_brain_case: PhantomCase
+) -> None:
+    store = _store(tmp_path)
+    job_id = _publish(store, shifted_brain_case.image, brain_model)
+    outcome = run_job(job_id, store, _CancelOnFirstProgress(engine, store, job_id))
+    assert outcome == "canceled"
+    assert store.state(job_id).status == "canceled"
+    assert not store.path(job_id, MASK).exists() and not store.path(job_id, REPORT).exists()
+
+
+def test_time_limit_fails_the_job(
+    tmp_path: Path, engine: Engine, brain_model: str, shifted_brain_case: PhantomCase
+) -> None:
+    store = _store(tmp_path)
+    job_id = _publish(store, shifted_brain_case.image, brain_model)
+    assert run_job(job_id, store, engine, timeout_s=0.0) == "failed"
+    assert "time limit" in (store.state(job_id).error or "")
+
+
+def test_deleted_or_unknown_jobs_are_skipped(
+    tmp_path: Path, engine: Engine, brain_model: str, shifted_brain_case: PhantomCase
+) -> None:
+    store = _store(tmp_path)
+    job_id = _publish(store, shifted_brain_case.image, brain_model)
+    store.cancel(job_id)
+    assert run_job(job_id, store, engine) == "skipped"
+    assert run_job(new_job_id(), store, engine) == "skipped"

@@ -1,0 +1,96 @@
+"""The RQ side of `sitefit worker`, in-process on a real Redis: what it runs, what it refuses.
+
+(The worker as a subprocess, killed and canceled, is tested in tests/server.)
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from rq import Callback, Queue
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
+
+from sitefit.jobs import QUEUED_FUNCTION, new_job_id
+from tests.server.processes import RedisProcess
+from worker.queue_worker import SitefitWorker, bound_job_class
+
+
+@pytest.fixture(scope="module")
+def connection(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.Redis]:
+    server = RedisProcess(tmp_path_factory.mktemp("redis-worker"))
+    server.start()
+    yield redis.Redis.from_url(server.url)
+    server.stop()
+
+
+def record_callback(job: Any, connection: Any, *args: Any) -> None:
+    """Would leave a marker if the worker ever imported and ran a callback named in a job."""
+    Path(job.meta["marker"]).write_text("callback ran")
+
+
+def _drain(connection: redis.Redis, queue: str, ran: list[str]) -> None:
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    worker = SitefitWorker(
+        [queue],
+        connection=connection,
+        job_class=bound_job_class(ran.append),
+        serializer=JSONSerializer,
+    )
+    try:
+        worker.work(burst=True)
+    finally:
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+
+
+def _result(connection: redis.Redis, job: Job) -> tuple[str, str]:
+    fetched = Job.fetch(job.id, connection=connection, serializer=JSONSerializer)
+    result = fetched.latest_result()
+    return fetched.get_status(), (result.exc_string or "") if result is not None else ""
+
+
+def test_runs_sitefit_jobs_by_id_and_refuses_everything_else(
+    connection: redis.Redis, tmp_path: Path
+) -> None:
+    queue = Queue("only-sitefit", connection=connection, serializer=JSONSerializer)
+    job_id = new_job_id()
+    good = queue.enqueue_call(QUEUED_FUNCTION, args=(job_id,), job_id=job_id)
+    system = queue.enqueue_call("os.system", args=(f"touch {tmp_path / 'pwned'}",))
+    traversal = queue.enqueue_call(QUEUED_FUNCTION, args=("../../etc",))
+    extra = queue.enqueue_call(QUEUED_FUNCTION, args=(new_job_id(),), kwargs={"x": 1})
+    marker = tmp_path / "callback"
+    with_callback = queue.enqueue_call(
+        QUEUED_FUNCTION,
+        args=(new_job_id(),),
+        on_success=Callback("tests.worker.test_queue_worker.record_callback"),
+        on_failure=Callback("tests.worker.test_queue_worker.record_callback"),
+        meta={"marker": str(marker)},
+    )
+    ran: list[str] = []
+    _drain(connection, "only-sitefit", ran)
+
+    assert _result(connection, good)[0] == JobStatus.FINISHED
+    assert ran[0] == job_id
+    status, error = _result(connection, system)
+    assert status == JobStatus.FAILED and "not a sitefit job" in error
+    assert not (tmp_path / "pwned").exists()
+    assert "unknown job" in _result(connection, traversal)[1]
+    assert "exactly one job id" in _result(connection, extra)[1]
+    assert _result(connection, with_callback)[0] == JobStatus.FINISHED
+    assert not marker.exists()
+    assert len(ran) == 2
+
+
+def test_heartbeat_ttl_follows_the_configured_interval(connection: redis.Redis) -> None:
+    worker = SitefitWorker(["ttl"], connection=connection, serializer=JSONSerializer)
+    worker.heartbeat_s = 4
+    job = Queue("ttl", connection=connection, serializer=JSONSerializer).enqueue_call(
+        QUEUED_FUNCTION, args=(new_job_id(),), timeout=3600
+    )
+    assert worker.get_heartbeat_ttl(job) == 12  # not the job timeout + 60 of SimpleWorker
