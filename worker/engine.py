@@ -19,6 +19,7 @@ Site policy for a scan of site S (``Report.mode_used`` and ``mode_reason`` say w
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
 
 import sitefit
 from model_store import ModelStore
@@ -44,6 +46,8 @@ from worker.nets import SegmentationNet
 from worker.preprocess import PreparedScan, prepare_scan
 from worker.refinement import RefineConfig, RefinementResult, mutable_state, refine
 from worker.weights import build_net, load_numpy
+
+DIVERGED_NORM_GROWTH = 100.0
 
 
 @dataclass(frozen=True)
@@ -289,6 +293,21 @@ class Engine:
         result = refine(net, prepared.slices, classes, start_consistency, self.refine_config(),
                         on_epoch, keep_states=True)  # fmt: skip
         verdict = judge(start, result.predictions, classes, self.guard_config(), result.dice_trace)
+        diverged = _first_diverged(start_state, result.states)
+        if diverged is not None and verdict.kept_epoch is not None and self.settings.guard:
+            # Exploded weights make that epoch and every later one meaningless, whatever the
+            # masks look like: batch norm hides a blow-up of the init path from the output.
+            kept_epoch = diverged - 1 if diverged > 1 else None
+            if kept_epoch is not None and kept_epoch > verdict.kept_epoch:
+                kept_epoch = verdict.kept_epoch
+            reason = f"refinement diverged: init-path weights exploded in epoch {diverged}"
+            verdict = Verdict(
+                kept_epoch,
+                f"reverted: {reason}"
+                if kept_epoch is None
+                else f"epoch {kept_epoch} kept: {reason}",
+                {**verdict.signals, "diverged_at_epoch": diverged},
+            )
         kept = verdict.kept_epoch
         verdict.signals["bn_shift"] = round(
             bn_shift(start_state, result.states[(kept or len(result.states)) - 1]), 6
@@ -332,6 +351,23 @@ class Engine:
             self_consistency_after=round(after, 6),
             refinement_epochs=epochs,
         )  # fmt: skip
+
+
+def _first_diverged(
+    start: dict[str, torch.Tensor], states: list[dict[str, torch.Tensor]]
+) -> int | None:
+    """1-based epoch after which an init-path tensor is non-finite or its norm grew past
+    ``DIVERGED_NORM_GROWTH`` times its start (refinement at sane step sizes stays within a
+    few times); None when no epoch diverged."""
+    for epoch, state in enumerate(states, start=1):
+        for key, value in state.items():
+            if not key.startswith("init_path.") or not value.is_floating_point():
+                continue
+            norm = float(torch.linalg.vector_norm(value.float()))
+            reference = float(torch.linalg.vector_norm(start[key].float()))
+            if not math.isfinite(norm) or norm > DIVERGED_NORM_GROWTH * max(reference, 1e-6):
+                return epoch
+    return None
 
 
 def _refinement_block(outcome: _Outcome, config: RefineConfig) -> Refinement:

@@ -129,13 +129,32 @@ def test_corrupt_site_delta_falls_back_to_base_with_a_warning(
 def test_diverging_refinement_is_reverted_and_never_saved(
     engine: Engine, brain_model: str, shifted_brain_case: PhantomCase
 ) -> None:
-    engine.settings = engine.settings.model_copy(update={"refine_lr": 1.0})
+    """An absurd step size blows the init path up: reverted, base output, nothing saved."""
+    engine.settings = engine.settings.model_copy(update={"refine_lr": 10.0**6})
     result = engine.run(SegmentRequest(shifted_brain_case.image, brain_model, "s7", "adapt"))
     report = result.report
     assert report.guard is not None and report.guard.verdict == "reverted", report.guard
+    assert "diverged" in report.guard.reason
     assert report.refinement.best_epoch is None
     assert report.site_weights.saved_version is None
     assert engine.store.sites.history("s7", brain_model) == []
+    base = engine.run(SegmentRequest(shifted_brain_case.image, brain_model, None, "none"))
+    assert np.array_equal(_mask(result), _mask(base))
+
+
+def test_refinement_failing_the_guard_is_reverted_to_the_base_output(
+    engine: Engine, brain_model: str, shifted_brain_case: PhantomCase
+) -> None:
+    """Learning rate 1.0 moves the mask; a strict guard (agreement >= 0.999) refuses it."""
+    engine.settings = engine.settings.model_copy(
+        update={"refine_lr": 1.0, "guard_min_agreement": 0.999}
+    )
+    result = engine.run(SegmentRequest(shifted_brain_case.image, brain_model, "s8", "adapt"))
+    report = result.report
+    assert report.guard is not None and report.guard.verdict == "reverted", report.guard
+    assert "agreement" in report.guard.reason
+    assert report.site_weights.saved_version is None
+    assert engine.store.sites.history("s8", brain_model) == []
     base = engine.run(SegmentRequest(shifted_brain_case.image, brain_model, None, "none"))
     assert np.array_equal(_mask(result), _mask(base))
 
