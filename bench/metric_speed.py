@@ -1,22 +1,28 @@
 """Time sitefit's surface Dice against DeepMind's ``surface-distance`` package on one mask pair.
 
-    python bench/metric_speed.py [--size 256] [--repeats 3] [--tolerance 1.0]
+    python bench/metric_speed.py [--size 256] [--repeats 3] [--tolerance 1.0] [--write-docs]
 
 Builds two overlapping smooth blobs (close but different) in a SIZE^3 volume at an anisotropic
 spacing, times both implementations on them (median of REPEATS, interleaved in one run), checks
 that they agree to 1e-6 (exit status 1 if not), prints a small table, and ends with one line of
-JSON with the figures.
+JSON with the figures. With ``--write-docs`` the table also goes to ``docs/benchmarks.md``
+between ``<!-- metric_speed:begin -->`` and ``<!-- metric_speed:end -->`` (other sections are
+left alone).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import statistics
 import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -24,6 +30,7 @@ import numpy.typing as npt
 from sitefit.metrics import surface_dice
 
 AGREEMENT = 1e-6
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
 
 def smooth_field(
@@ -105,6 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--spacing", type=float, nargs=3, default=(0.9, 1.1, 1.5), metavar="MM", help="voxel size"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--write-docs", action="store_true", help="write the table to docs/benchmarks.md"
+    )
+    parser.add_argument("--out", type=Path, default=DOCS, help="the Markdown file to update")
     args = parser.parse_args(argv)
     spacing = [float(s) for s in args.spacing]
 
@@ -139,6 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = ", ".join(f"{t:.3f}" for t in times[name])
         print(f"{name:<16}{values[name]:>16.10f}{med[name]:>12.4f}{runs:>30}")
     print(f"speed-up {ratio:.1f}x; |difference| {diff:.2e} ({'ok' if agree else 'MISMATCH'})")
+    if args.write_docs:
+        write_docs(args, argv, spacing, times, values, med, ratio, diff, agree, pred, ref)
     print(
         json.dumps(
             {
@@ -157,6 +170,62 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     )
     return 0 if agree else 1
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def write_docs(
+    args: argparse.Namespace,
+    argv: Sequence[str] | None,
+    spacing: list[float],
+    times: dict[str, list[float]],
+    values: dict[str, float],
+    med: dict[str, float],
+    ratio: float,
+    diff: float,
+    agree: bool,
+    pred: npt.NDArray[np.bool_],
+    ref: npt.NDArray[np.bool_],
+) -> None:
+    """The figures as a Markdown section of ``args.out`` (key ``metric_speed``)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.report_file import replace_section
+
+    command = " ".join(["python bench/metric_speed.py", *(sys.argv[1:] if argv is None else argv)])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    lines = [
+        f"Command: `{command}` ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC; load average "
+        f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}).  ",
+        f"Masks: two overlapping smooth blobs in a {args.size}^3 volume, spacing {spacing} mm, "
+        f"{int(pred.sum())} / {int(ref.sum())} voxels; tolerance {args.tolerance} mm; median "
+        f"of {len(times['package'])} interleaved runs each.",
+        "",
+        "| implementation | surface Dice | median s | runs (s) |",
+        "|---|---|---|---|",
+    ]
+    for name, label in (("package", "`surface-distance` 0.1"), ("sitefit", "sitefit")):
+        runs = ", ".join(f"{t:.3f}" for t in times[name])
+        lines.append(f"| {label} | {values[name]:.10f} | {med[name]:.4f} | {runs} |")
+    lines += [
+        "",
+        f"Speed-up **{ratio:.1f}x**; |difference| {diff:.2e} "
+        f"({'agree to 1e-6' if agree else 'MISMATCH'}).",
+        "",
+        f"Machine: {_cpu_model()}, {cores} cores visible, "
+        f"Python {platform.python_version()}, NumPy {np.__version__}.",
+    ]
+    replace_section(args.out, "metric_speed", "Surface Dice speed: sitefit vs `surface-distance`",
+                    "\n".join(lines))  # fmt: skip
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

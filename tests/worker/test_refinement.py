@@ -1,11 +1,22 @@
 """Refinement invariants (paper §2.2): what changes, what must not, and the teacher."""
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
 from worker.inference import foreground_dice, predict
 from worker.nets import NetConfig, SegmentationNet
 from worker.refinement import RefineConfig, refine, snapshot
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny nets: one thread (on a busy machine two OpenMP threads mostly wait for each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _net(num_outputs: int = 1) -> SegmentationNet:
@@ -100,3 +111,157 @@ def test_epoch_callback_and_kept_states() -> None:
 def _heads(net: SegmentationNet, slices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     prediction = predict(net, slices, 4)
     return prediction.early, prediction.final
+
+
+# --- the fast path (worker.inference execution plans) -----------------------------------
+
+
+def _original_refine(
+    net: SegmentationNet, slices: torch.Tensor, initial: float, config: RefineConfig
+) -> tuple[list[float], torch.Tensor]:
+    """The loop as it was before the fast path (fp32, NCHW, eval in batches of batch_size)."""
+    from worker.nets import labels_from_logits, probabilities, soft_cross_entropy
+
+    generator = torch.Generator().manual_seed(config.seed)
+    net.requires_grad_(False)
+    net.init_path.requires_grad_(True)
+    optimizer = torch.optim.Adam(net.init_path.parameters(), lr=config.learning_rate)
+    trace, previous, final = [], initial, torch.empty(0)
+    for _ in range(config.max_epochs):
+        net.train(config.batchnorm == "train")
+        order = torch.randperm(slices.shape[0], generator=generator)
+        for start in range(0, slices.shape[0], config.batch_size):
+            index = order[start : start + config.batch_size]
+            if index.numel() < 2 and config.batchnorm == "train":
+                continue
+            features = net.init_path(slices[index])
+            with torch.no_grad():
+                teacher = probabilities(net.body(features))
+            loss = soft_cross_entropy(net.early_head(features), teacher)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        net.eval()
+        finals, earlies = [], []
+        with torch.inference_mode():
+            for start in range(0, slices.shape[0], config.batch_size):
+                f, e = net(slices[start : start + config.batch_size])
+                finals.append(labels_from_logits(f))
+                earlies.append(labels_from_logits(e))
+        final = torch.cat(finals)
+        dice = foreground_dice(torch.cat(earlies), final, 2)
+        trace.append(dice)
+        if abs(dice - previous) < config.stop_delta:
+            break
+        previous = dice
+    net.requires_grad_(False)
+    net.eval()
+    return trace, final
+
+
+@pytest.mark.parametrize("batchnorm", ["train", "frozen"])
+def test_fp32_precision_is_the_original_loop_bitwise(batchnorm: str) -> None:
+    import copy
+
+    net, slices = _net(), _slices()
+    twin = copy.deepcopy(net)
+    config = RefineConfig(max_epochs=3, batch_size=5, batchnorm=batchnorm, stop_delta=-1.0)
+    trace, final = _original_refine(twin, slices, 0.0, config)
+    fp32 = RefineConfig(**{**config.__dict__, "precision": "fp32"})
+    result = refine(net, slices, 2, 0.0, fp32)
+    assert result.dice_trace == trace
+    assert torch.equal(result.prediction.final, final)
+    for (name, value), other in zip(
+        net.state_dict().items(), twin.state_dict().values(), strict=True
+    ):
+        assert torch.equal(value, other), name
+
+
+@pytest.mark.parametrize("num_outputs", [1, 3])
+def test_bf16_path_keeps_the_contract_and_is_deterministic(num_outputs: int) -> None:
+    import copy
+
+    net, slices = _net(num_outputs), _slices()
+    twin = copy.deepcopy(net)
+    objects = [id(p) for p in net.parameters()]
+    before = {name: p.detach().clone() for name, p in net.named_parameters()}
+    config = RefineConfig(max_epochs=2, batch_size=4, stop_delta=-1.0, precision="bf16")
+    result = refine(net, slices, max(num_outputs, 2), 0.0, config, keep_states=True)
+    again = refine(twin, slices, max(num_outputs, 2), 0.0, config)
+    assert result.dice_trace == again.dice_trace
+    assert torch.equal(result.prediction.final, again.prediction.final)
+    for name, parameter in net.named_parameters():
+        assert parameter.is_contiguous(), name  # the caller's layout is back
+        if not name.startswith("init_path."):
+            assert torch.equal(parameter, before[name]), name
+    assert [id(p) for p in net.parameters()] == objects
+    assert all(v.is_contiguous() for state in result.states for v in state.values())
+    assert result.train_seconds > 0 and result.eval_seconds > 0
+    assert result.prediction.final.dtype == torch.uint8
+
+
+def test_bf16_predictions_stay_close_to_fp32() -> None:
+    net, slices = _net(3), _slices()
+    exact = predict(net, slices, 4, precision="fp32")
+    fast = predict(net, slices, 4, precision="bf16")
+    assert fast.final.shape == exact.final.shape and fast.final.dtype == torch.uint8
+    assert (fast.final != exact.final).float().mean() < 0.02
+    assert abs(fast.mean_entropy - exact.mean_entropy) < 0.02 * max(exact.mean_entropy, 1e-3)
+    assert all(p.is_contiguous() for p in net.parameters())
+
+
+def test_eval_batch_does_not_change_the_fp32_prediction() -> None:
+    net, slices = _net(), _slices()
+    one = predict(net, slices, 1, precision="fp32")
+    whole = predict(net, slices, 12, precision="fp32", eval_batch=12)
+    assert torch.equal(one.final, whole.final) and torch.equal(one.early, whole.early)
+
+
+def test_eval_batch_sizes() -> None:
+    from worker.inference import Execution, eval_batch_size
+
+    cpu = torch.device("cpu")
+    exact, fast = Execution(cpu, None, False), Execution(cpu, torch.bfloat16, True)
+    big, small = torch.empty(176, 1, 256, 256), torch.empty(40, 1, 32, 32)
+    assert eval_batch_size(big, 20, exact, 16) == 20  # the caller's batch, as before
+    assert eval_batch_size(big, 20, fast, 16) == 3  # cache-sized at 256x256
+    assert eval_batch_size(small, 20, fast, 16) == 40  # never more than there is
+
+
+def test_foreground_dice_counts_like_the_definition() -> None:
+    generator = torch.Generator().manual_seed(0)
+    for classes in (2, 3, 4):
+        a = torch.randint(0, classes + 1, (5, 7, 7), generator=generator, dtype=torch.uint8)
+        b = torch.randint(0, classes + 1, (5, 7, 7), generator=generator, dtype=torch.uint8)
+        scores = []
+        for label in range(1, max(classes, 2)):
+            total = int((a == label).sum()) + int((b == label).sum())
+            if total:
+                scores.append(2.0 * int(((a == label) & (b == label)).sum()) / total)
+        assert foreground_dice(a, b, classes) == sum(scores) / len(scores)
+    empty = torch.zeros(2, 3, 3, dtype=torch.uint8)
+    assert foreground_dice(empty, empty, 2) == 1.0
+    assert foreground_dice(empty + 5, empty + 5, 2) == 1.0  # out-of-range labels ignored
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_init_path_runs_once_per_step_and_once_per_eval_batch(precision: str) -> None:
+    """Student and teacher share one init-path pass; the eval pass is also the segmentation."""
+    net, slices = _net(), _slices()
+    calls = {"train": 0, "eval": 0, "teacher_grad": 0}
+
+    def count(module: torch.nn.Module, _i: object, _o: object) -> None:
+        calls["train" if module.training else "eval"] += 1
+
+    def teacher(_m: torch.nn.Module, _i: object, out: torch.Tensor) -> None:
+        calls["teacher_grad"] += int(out.requires_grad)
+
+    net.init_path.register_forward_hook(count)
+    net.body.register_forward_hook(teacher)
+    config = RefineConfig(
+        max_epochs=2, batch_size=4, stop_delta=-1.0, precision=precision, eval_batch_size=6
+    )
+    refine(net, slices, 2, 0.0, config)
+    assert calls["train"] == 2 * 3  # 12 slices in batches of 4: 3 steps per epoch
+    assert calls["eval"] == 2 * 2  # one eval pass per epoch, batches of 6
+    assert calls["teacher_grad"] == 0
