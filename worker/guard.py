@@ -2,19 +2,29 @@
 
 Refinement minimises the early head's disagreement with the final output, so self-consistency
 after refinement can be high while the final mask has been dragged somewhere wrong
-(ARCHITECTURE.md, "Known risk"). The guard looks elsewhere, at every epoch:
+(ARCHITECTURE.md, "Known risk"). The guard looks elsewhere, at every epoch, comparing the
+epoch's prediction with the starting weights' (the prediction refinement already computes
+after each epoch: no extra forward pass). An epoch fails when
 
-- ``agreement``: Dice between the starting model's final mask and the epoch's final mask;
-- ``volume_change``: relative change of each class's predicted volume against the start;
-- ``empty``: the final mask lost every foreground voxel the start had;
-- ``self_consistency``: Dice(early, final) must not end below where it started;
-- ``entropy``: mean prediction entropy of the final output (recorded);
-- ``bn_shift``: how far batch-norm running means moved, in source standard deviations
-  (recorded; only non-zero when the BN option adapts statistics);
-- the trace's shape: oscillation (sign changes) and collapse (a fall of the trace).
+- ``empty``: its final mask lost every foreground voxel the start had;
+- ``agreement`` (Dice of the start's and the epoch's final masks) < ``min_agreement``;
+- ``volume_change`` (relative change of a class's predicted volume) > ``max_volume_change``;
+- ``self_consistency`` (Dice(early, final), the loop's own figure) ends below the start's
+  plus ``min_consistency_gain``: a loop that cannot even raise its own objective is not
+  converging on the scan, it is drifting;
+- ``entropy`` (mean entropy of the final output) rose by more than ``max_entropy_rise``
+  relative to the start's.
 
-The kept epoch is the last one that passes every check ("best" = the most refined weights the
-guard accepts); when none passes, the refinement is reverted to the starting weights.
+Recorded, not checked: ``bn_shift`` (how far batch-norm running means moved, in source
+standard deviations; non-zero only when the BN option adapts statistics) and the trace's shape
+(oscillation: sign changes; collapse: the largest fall).
+
+Decision (``decide``): keep the last epoch that passes every check, else revert to the
+starting weights. "Best" is the most refined weights the guard accepts: every label-free
+criterion that ranks epochs (the trace, the entropy) is either the loss itself or unreliable
+on the phantoms, while passing the checks bounds how far the epoch is from the start. The
+thresholds are calibrated on the phantom benchmark (``bench/guard_calibration.py``,
+docs/benchmarks.md "Adaptation guard: calibration"); defaults in ``sitefit/defaults.py``.
 """
 
 from __future__ import annotations
@@ -25,14 +35,34 @@ from typing import Any
 
 import torch
 
+from sitefit import defaults
 from worker.inference import SlicePrediction, foreground_dice
 
 
 @dataclass(frozen=True)
 class GuardConfig:
+    """Thresholds of the guard's checks (calibrated defaults: sitefit/defaults.py).
+
+    An epoch fails when its final mask is empty where the start had foreground, when
+    ``agreement < min_agreement``, when any class volume changed by more than
+    ``max_volume_change`` (relative), when its self-consistency is below the start's plus
+    ``min_consistency_gain``, or when the mean entropy of the final output rose by more than
+    ``max_entropy_rise`` (relative to the start's).
+    """
+
     enabled: bool
     max_volume_change: float
     min_agreement: float
+    min_consistency_gain: float = defaults.GUARD_MIN_CONSISTENCY_GAIN
+    max_entropy_rise: float = defaults.GUARD_MAX_ENTROPY_RISE
+
+
+@dataclass(frozen=True)
+class StartSignals:
+    """What the checks compare each epoch with: the starting weights' prediction."""
+
+    self_consistency: float  # Dice(early, final) before refinement
+    entropy: float  # mean entropy of the final output before refinement
 
 
 @dataclass(frozen=True)
@@ -44,7 +74,8 @@ class EpochSignals:
     self_consistency: float
     entropy: float
 
-    def problems(self, config: GuardConfig, start_consistency: float) -> list[str]:
+    def problems(self, config: GuardConfig, start: StartSignals) -> list[str]:
+        """Why this epoch's weights must not be kept (empty: it passes)."""
         found = []
         if self.empty:
             found.append("the final mask lost all foreground")
@@ -57,9 +88,15 @@ class EpochSignals:
             found.append(
                 f"a class volume changed by {worst:.0%} (> {config.max_volume_change:.0%})"
             )
-        if self.self_consistency < start_consistency:
+        if self.self_consistency < start.self_consistency + config.min_consistency_gain:
             found.append(
-                f"self-consistency fell from {start_consistency:.3f} to {self.self_consistency:.3f}"
+                f"self-consistency {self.self_consistency:.3f} < start "
+                f"{start.self_consistency:.3f} + {config.min_consistency_gain:g}"
+            )
+        rise = self.entropy / start.entropy - 1 if start.entropy > 0 else 0.0
+        if rise > config.max_entropy_rise:
+            found.append(
+                f"entropy of the final output rose by {rise:.0%} (> {config.max_entropy_rise:.0%})"
             )
         return found
 
@@ -113,6 +150,27 @@ def trace_shape(trace: list[float], start: float) -> dict[str, float | int]:
     }
 
 
+def decide(
+    start: StartSignals, per_epoch: list[EpochSignals], config: GuardConfig
+) -> tuple[int | None, str, dict[int, list[str]]]:
+    """The decision alone, from per-epoch signals: (kept 1-based epoch or None, reason, problems).
+
+    ``judge`` calls this; the calibration benchmark replays it on recorded signals, so the
+    thresholds it reports are those of this very code.
+    """
+    problems = {s.epoch: s.problems(config, start) for s in per_epoch}
+    last = per_epoch[-1].epoch
+    if not config.enabled:
+        return last, "guard disabled: last epoch kept", problems
+    passing = [e for e, p in problems.items() if not p]
+    if not passing:
+        return None, "reverted: " + "; ".join(problems[last]), problems
+    kept = max(passing)
+    if kept == last:
+        return kept, "every check passed", problems
+    return kept, f"epoch {kept} kept: later epochs failed ({'; '.join(problems[last])})", problems
+
+
 def judge(
     start: SlicePrediction,
     epochs: list[SlicePrediction],
@@ -120,10 +178,21 @@ def judge(
     config: GuardConfig,
     trace: list[float],
 ) -> Verdict:
-    """Pick the epoch to keep (or none) and report every signal."""
+    """Pick the epoch to keep (or none) and report every signal.
+
+    ``start`` is the prediction of the weights refinement started from, ``epochs`` the
+    prediction after each epoch (``refine(..., keep_states=True).predictions``) and ``trace``
+    the refinement's Dice(early, final) after each epoch. ``Verdict.kept_epoch`` is 1-based;
+    None means: revert to the starting weights. With the guard disabled the last epoch is kept
+    (the signals are still computed and reported).
+    """
+    if not epochs:
+        raise ValueError("judge needs at least one epoch")
     start_consistency = foreground_dice(start.early, start.final, num_classes)
     per_epoch = [epoch_signals(i + 1, start, p, num_classes) for i, p in enumerate(epochs)]
-    problems = {s.epoch: s.problems(config, start_consistency) for s in per_epoch}
+    kept, reason, problems = decide(
+        StartSignals(start_consistency, start.mean_entropy), per_epoch, config
+    )
     last = per_epoch[-1]
     signals: dict[str, Any] = {
         "agreement_start_vs_adapted_dice": round(last.agreement, 6),
@@ -136,14 +205,4 @@ def judge(
         **trace_shape(trace, start_consistency),
         "epochs_failing": {str(e): p for e, p in problems.items() if p},
     }
-    if not config.enabled:
-        return Verdict(len(epochs), "guard disabled: last epoch kept", signals)
-    passing = [e for e, p in problems.items() if not p]
-    if not passing:
-        return Verdict(None, "reverted: " + "; ".join(problems[last.epoch]), signals)
-    kept = max(passing)
-    if kept == last.epoch:
-        return Verdict(kept, "every check passed", signals)
-    return Verdict(
-        kept, f"epoch {kept} kept: later epochs failed ({'; '.join(problems[last.epoch])})", signals
-    )
+    return Verdict(kept, reason, signals)
