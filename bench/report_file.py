@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import tempfile
 from pathlib import Path
 
 
 def replace_section(path: Path, key: str, title: str, body: str) -> None:
-    """Replace (or append) the block between ``<!-- KEY:begin -->`` and ``<!-- KEY:end -->``."""
+    """Replace (or append) the block between ``<!-- KEY:begin -->`` and ``<!-- KEY:end -->``.
+
+    Benchmarks running side by side may finish together: the read-modify-write is done under
+    an exclusive lock on a lock file beside ``path``, and the new text is renamed into place.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _replace(path, key, title, body)
+
+
+def _replace(path: Path, key: str, title: str, body: str) -> None:
     begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
     block = f"{begin}\n### {title}\n\n{body.strip()}\n{end}"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
@@ -17,7 +29,6 @@ def replace_section(path: Path, key: str, title: str, body: str) -> None:
         text = head + block + rest.split(end, 1)[1]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as handle:
         handle.write(text)

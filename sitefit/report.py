@@ -25,6 +25,16 @@ class BeforeAfter(BaseModel):
     after: Overlap
 
 
+class ReferenceFigures(BeforeAfter):
+    """The base model's and the output's masks against a reference mask."""
+
+    last_epoch: Overlap | None = Field(
+        default=None,
+        description="the last refinement epoch's mask vs the reference: the output without the "
+        "guard (null when no refinement ran)",
+    )
+
+
 class ClassFigures(BaseModel):
     self_consistency: BeforeAfter
     agreement_base_vs_adapted: Overlap
@@ -57,6 +67,12 @@ class Refinement(BaseModel):
 class SiteWeights(BaseModel):
     used_version: int | None = Field(description="site weights version the job started from")
     saved_version: int | None = Field(description="version this job saved for the site")
+    self_consistency_on_scan: float | None = Field(
+        default=None, description="Dice(early, final) of the site weights on this scan"
+    )
+    self_consistency_when_saved: float | None = Field(
+        default=None, description="Dice(early, final) they reached on the scan they were refined on"
+    )
 
 
 class Guard(BaseModel):
@@ -80,7 +96,7 @@ class Report(BaseModel):
     timings_s: Timings
     self_consistency: BeforeAfter
     agreement_base_vs_adapted: Overlap
-    reference: BeforeAfter | None = None
+    reference: ReferenceFigures | None = None
     per_class: dict[str, ClassFigures] | None = None
     refinement: Refinement
     guard: Guard | None = None

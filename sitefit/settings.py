@@ -43,6 +43,13 @@ class Settings(BaseSettings):
         description="mode auto uses a site's cached weights as they are when their "
         "self-consistency (Dice early vs final) on the scan is at least this",
     )
+    auto_margin: float | None = Field(
+        default=defaults.AUTO_MARGIN,
+        ge=0,
+        le=1,
+        description="mode auto also uses them when their self-consistency on the scan is "
+        "within this of what they reached on the scan they were refined on; null: off",
+    )
     model_cache_bytes: int = Field(
         default=defaults.MODEL_CACHE_BYTES, ge=0, description="warm site-model cache budget"
     )

@@ -12,8 +12,9 @@ Site policy for a scan of site S (``Report.mode_used`` and ``mode_reason`` say w
 - ``adapt``: one-shot refinement on this scan, warm-started from S's weights when present;
   the result becomes S's next version only when the guard kept it and its self-consistency
   beats the weights it started from.
-- ``auto``: S's weights as they are when their self-consistency on this scan reaches
-  ``Settings.auto_threshold`` (the fast path), otherwise as ``adapt``.
+- ``auto``: S's weights as they are (the fast path) when their self-consistency on this scan
+  reaches ``Settings.auto_threshold``, or comes within ``Settings.auto_margin`` of the
+  self-consistency they reached on the scan they were refined on; otherwise as ``adapt``.
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ class _Outcome:
     verdict: Verdict | None = None
     site_used: SiteVersion | None = None
     site_saved: SiteVersion | None = None
+    site_consistency: float | None = None  # the site weights' Dice(early, final) on this scan
 
 
 @dataclass
@@ -171,8 +173,12 @@ class Engine:
         else:
             early_after = prepared.volume(outcome.after.early)
             final_after = prepared.volume(outcome.after.final)
+        last_epoch = None
+        if reference is not None and outcome.refinement is not None:
+            last = outcome.refinement.prediction
+            last_epoch = final_after if last is outcome.after else prepared.volume(last.final)
         figures = compute_figures(
-            LabelVolumes(early_before, final_before, early_after, final_after),
+            LabelVolumes(early_before, final_before, early_after, final_after, last_epoch),
             spec.classes, scan.spacing_mm, self.settings.tolerance_mm, reference,
         )  # fmt: skip
         mask = mask_to_image(final_after, scan.source)
@@ -186,6 +192,10 @@ class Engine:
             site_weights=SiteWeights(
                 used_version=outcome.site_used.version if outcome.site_used else None,
                 saved_version=outcome.site_saved.version if outcome.site_saved else None,
+                self_consistency_on_scan=_rounded(outcome.site_consistency),
+                self_consistency_when_saved=outcome.site_used.self_consistency_after
+                if outcome.site_used
+                else None,
             ),
             tolerance_mm=self.settings.tolerance_mm,
             device=describe(self.device),
@@ -243,28 +253,47 @@ class Engine:
         if site is None and request.mode == "cached":
             return _Outcome("none", f"{where} has no usable cached weights: base model", base)
         candidate = predict(site.net, prepared.slices, batch) if site else None
+        consistency = None
+        if candidate is not None:
+            consistency = foreground_dice(candidate.early, candidate.final, classes)
         if site and candidate and request.mode == "cached":
             return _Outcome("cached", f"cached weights of {where} v{site.version.version}",
-                            candidate, site_used=site.version)  # fmt: skip
+                            candidate, site_used=site.version,
+                            site_consistency=consistency)  # fmt: skip
         reason = "one-shot refinement on this scan"
-        if site and candidate:
-            consistency = foreground_dice(candidate.early, candidate.final, classes)
-            threshold = self.settings.auto_threshold
-            if request.mode == "auto" and consistency >= threshold:
-                return _Outcome(
-                    "cached",
-                    f"{where} v{site.version.version}: self-consistency {consistency:.3f} >= "
-                    f"{threshold} on this scan, used as is",
-                    candidate,
-                    site_used=site.version,
-                )
+        if site and candidate and consistency is not None:
+            fast, why = self._auto_fast_path(consistency, site.version)
+            if request.mode == "auto" and fast:
+                return _Outcome("cached", f"{where} v{site.version.version} used as is: {why}",
+                                candidate, site_used=site.version,
+                                site_consistency=consistency)  # fmt: skip
             reason = f"refined on this scan from {where} v{site.version.version}"
             if request.mode == "auto":
-                reason += f" (its self-consistency {consistency:.3f} < {threshold})"
+                reason += f" ({why})"
         elif request.mode == "auto":
             reason = "no cached weights for this site: " + reason
-        return self._refine(request, spec, prepared, base_net, base, site, candidate, reason,
-                            notify)  # fmt: skip
+        outcome = self._refine(request, spec, prepared, base_net, base, site, candidate, reason,
+                               notify)  # fmt: skip
+        outcome.site_consistency = consistency
+        return outcome
+
+    def _auto_fast_path(self, consistency: float, version: SiteVersion) -> tuple[bool, str]:
+        """Whether ``auto`` uses site weights as they are, and why (for ``mode_reason``)."""
+        threshold, margin = self.settings.auto_threshold, self.settings.auto_margin
+        reached = version.self_consistency_after
+        if consistency >= threshold:
+            return True, f"self-consistency {consistency:.3f} on this scan >= {threshold}"
+        if margin is not None and reached is not None and consistency >= reached - margin:
+            return True, (
+                f"self-consistency {consistency:.3f} on this scan is within {margin} of the "
+                f"{reached:.3f} they reached when refined"
+            )
+        within = (
+            f" and below {reached:.3f} - {margin}"
+            if margin is not None and reached is not None
+            else ""
+        )
+        return False, f"their self-consistency {consistency:.3f} < {threshold}{within}"
 
     def _refine(
         self,
@@ -294,18 +323,19 @@ class Engine:
                         on_epoch, keep_states=True)  # fmt: skip
         verdict = judge(start, result.predictions, classes, self.guard_config(), result.dice_trace)
         diverged = _first_diverged(start_state, result.states)
-        if diverged is not None and verdict.kept_epoch is not None and self.settings.guard:
+        if diverged is not None and self.settings.guard:
             # Exploded weights make that epoch and every later one meaningless, whatever the
             # masks look like: batch norm hides a blow-up of the init path from the output.
+            # Said first in the reason: it is the cause of whatever else the checks found.
             kept_epoch = diverged - 1 if diverged > 1 else None
-            if kept_epoch is not None and kept_epoch > verdict.kept_epoch:
+            if kept_epoch is not None and (verdict.kept_epoch or 0) < kept_epoch:
                 kept_epoch = verdict.kept_epoch
-            reason = f"refinement diverged: init-path weights exploded in epoch {diverged}"
+            why = f"refinement diverged: init-path weights exploded in epoch {diverged}"
+            if verdict.kept_epoch is None:  # the checks failed too: say what they found
+                why += "; " + verdict.reason.removeprefix("reverted: ")
             verdict = Verdict(
                 kept_epoch,
-                f"reverted: {reason}"
-                if kept_epoch is None
-                else f"epoch {kept_epoch} kept: {reason}",
+                f"reverted: {why}" if kept_epoch is None else f"epoch {kept_epoch} kept: {why}",
                 {**verdict.signals, "diverged_at_epoch": diverged},
             )
         kept = verdict.kept_epoch
@@ -368,6 +398,10 @@ def _first_diverged(
             if not math.isfinite(norm) or norm > DIVERGED_NORM_GROWTH * max(reference, 1e-6):
                 return epoch
     return None
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)
 
 
 def _refinement_block(outcome: _Outcome, config: RefineConfig) -> Refinement:

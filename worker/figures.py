@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sitefit.metrics import OverlapFigures, overlap_per_class
-from sitefit.report import BeforeAfter, ClassFigures, Overlap
+from sitefit.report import BeforeAfter, ClassFigures, Overlap, ReferenceFigures
 
 
 @dataclass(frozen=True)
@@ -22,13 +22,14 @@ class LabelVolumes:
     final_before: np.ndarray
     early_after: np.ndarray
     final_after: np.ndarray
+    final_last_epoch: np.ndarray | None = None  # the last refinement epoch's, when one ran
 
 
 @dataclass(frozen=True)
 class Figures:
     self_consistency: BeforeAfter
     agreement_base_vs_adapted: Overlap
-    reference: BeforeAfter | None
+    reference: ReferenceFigures | None
     per_class: dict[str, ClassFigures] | None
 
 
@@ -50,10 +51,13 @@ def compute_figures(
     )
     sc_after = sc_before if same else per_class(volumes.early_after, volumes.final_after)
     agreement = per_class(volumes.final_after, volumes.final_before)
-    ref_before = ref_after = None
+    ref_before = ref_after = ref_last = None
     if reference is not None:
         ref_before = per_class(volumes.final_before, reference)
         ref_after = ref_before if same else per_class(volumes.final_after, reference)
+        last = volumes.final_last_epoch
+        if last is not None:
+            ref_last = ref_after if last is volumes.final_after else per_class(last, reference)
 
     by_class: dict[str, ClassFigures] = {}
     for name in foreground.values():
@@ -71,7 +75,11 @@ def compute_figures(
         agreement_base_vs_adapted=mean_overlap(agreement),
         reference=None
         if ref_before is None or ref_after is None
-        else BeforeAfter(before=mean_overlap(ref_before), after=mean_overlap(ref_after)),
+        else ReferenceFigures(
+            before=mean_overlap(ref_before),
+            after=mean_overlap(ref_after),
+            last_epoch=None if ref_last is None else mean_overlap(ref_last),
+        ),
         per_class=by_class if len(foreground) > 1 else None,
     )
 

@@ -190,6 +190,11 @@ def summarize(report: Report) -> str:
             f"{pair(ref.before.surface_dice, ref.after.surface_dice)}   "
             f"Dice {pair(ref.before.dice, ref.after.dice)}"
         )
+        if ref.last_epoch is not None and ref.last_epoch != ref.after:
+            lines.append(
+                f"reference, last epoch (unguarded)  surface Dice "
+                f"{_fmt(ref.last_epoch.surface_dice)}   Dice {_fmt(ref.last_epoch.dice)}"
+            )
     refinement = report.refinement
     if refinement.stopped != "skipped":
         trace = " ".join(f"{d:.3f}" for d in refinement.dice_trace)

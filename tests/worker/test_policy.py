@@ -41,7 +41,7 @@ def _mask(result) -> np.ndarray:  # type: ignore[no-untyped-def]
     return np.asarray(result.mask.dataobj)
 
 
-def _seed_site(engine: Engine, model: str, site: str) -> int:
+def _seed_site(engine: Engine, model: str, site: str, consistency_after: float = 0.6) -> int:
     """Store a real delta for ``site``: the base init path, nudged."""
     spec = engine.store.models.spec(model)
     net = engine.base_net(spec)
@@ -50,7 +50,8 @@ def _seed_site(engine: Engine, model: str, site: str) -> int:
             parameter.mul_(1.01)
     delta = {k: v.numpy() for k, v in mutable_state(net).items() if k.startswith("init_path.")}
     saved = engine.store.sites.append(site, spec, delta, scans_refined=1,
-                                      self_consistency_before=0.5, self_consistency_after=0.6,
+                                      self_consistency_before=0.5,
+                                      self_consistency_after=consistency_after,
                                       refinement_epochs=1)  # fmt: skip
     return saved.version
 
@@ -91,11 +92,56 @@ def test_auto_refines_below_the_threshold_warm_started(
     engine: Engine, brain_model: str, shifted_brain_case: PhantomCase
 ) -> None:
     version = _seed_site(engine, brain_model, "s4")
-    engine.settings = engine.settings.model_copy(update={"auto_threshold": 1.0})
+    engine.settings = engine.settings.model_copy(
+        update={"auto_threshold": 1.0, "auto_margin": None}
+    )
     report = engine.run(SegmentRequest(shifted_brain_case.image, brain_model, "s4", "auto")).report
     assert report.mode_used == "adapt" and f"from site 's4' v{version}" in report.mode_reason
     assert report.site_weights.used_version == version
     assert report.refinement.epochs >= 1 and report.guard is not None
+
+
+@pytest.mark.parametrize(("above", "fast"), [(0.01, True), (0.05, False)])
+def test_auto_takes_the_fast_path_within_the_margin_of_the_saved_consistency(
+    engine: Engine, brain_model: str, shifted_brain_case: PhantomCase, above: float, fast: bool
+) -> None:
+    """Site weights that saved self-consistency X: auto uses them as they are on a scan where
+    they reach at least X - margin (0.02), and refines where they fall further below."""
+    _seed_site(engine, brain_model, "probe")
+    probe = engine.run(SegmentRequest(shifted_brain_case.image, brain_model, "probe", "cached"))
+    on_scan = probe.report.site_weights.self_consistency_on_scan
+    assert on_scan is not None and on_scan < 0.95
+    _seed_site(engine, brain_model, "s3m", consistency_after=on_scan + above)
+    engine.settings = engine.settings.model_copy(
+        update={"auto_threshold": 1.0, "auto_margin": 0.02}
+    )
+    report = engine.run(SegmentRequest(shifted_brain_case.image, brain_model, "s3m", "auto")).report
+    assert report.mode_used == ("cached" if fast else "adapt"), report.mode_reason
+    assert ("within 0.02" in report.mode_reason) is fast
+    assert report.site_weights.self_consistency_on_scan == pytest.approx(on_scan)
+    assert report.site_weights.self_consistency_when_saved == pytest.approx(on_scan + above)
+
+
+def test_reference_figures_include_the_unguarded_last_epoch(
+    engine: Engine, brain_model: str, shifted_brain_case: PhantomCase
+) -> None:
+    """With a reference, the report says what the last epoch (no guard) would have scored:
+    the same figures a run with the guard off gives as its output."""
+    strict = {"refine_lr": 1.0, "guard_min_agreement": 0.999}
+    request = SegmentRequest(shifted_brain_case.image, brain_model, None, "adapt",
+                             shifted_brain_case.label)  # fmt: skip
+    engine.settings = engine.settings.model_copy(update=strict)
+    guarded = engine.run(request).report
+    engine.settings = engine.settings.model_copy(update={**strict, "guard": False})
+    unguarded = engine.run(request).report
+    assert guarded.guard is not None and guarded.guard.verdict == "reverted"
+    assert guarded.reference is not None and unguarded.reference is not None
+    assert guarded.reference.after == guarded.reference.before  # reverted: the base output
+    assert guarded.reference.last_epoch == unguarded.reference.after
+    assert unguarded.reference.last_epoch == unguarded.reference.after
+    none = engine.run(SegmentRequest(shifted_brain_case.image, brain_model, None, "none",
+                                     shifted_brain_case.label)).report  # fmt: skip
+    assert none.reference is not None and none.reference.last_epoch is None
 
 
 def test_adapt_saves_a_site_version_only_when_kept_and_better(
