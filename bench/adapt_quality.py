@@ -41,6 +41,7 @@ from model_store import ModelStore  # noqa: E402
 from model_store.backend import FilesystemBackend  # noqa: E402
 from model_store.base_models import BaseModelRegistry  # noqa: E402
 from model_store.spec import ModelSpec  # noqa: E402
+from sitefit import defaults  # noqa: E402
 from sitefit.exceptions import ModelNotFoundError  # noqa: E402
 from sitefit.metrics import overlap_per_class  # noqa: E402
 from sitefit.phantoms import DOMAINS, write_dataset  # noqa: E402
@@ -242,7 +243,8 @@ def decision(verdict: str, kept: int | None, epochs: int) -> str:
 
 def make_engine(args: argparse.Namespace, home: Path, batchnorm: str, sites: Path) -> Engine:
     settings = Settings(home=home, device="cpu", refine_batchnorm=batchnorm,  # type: ignore[arg-type]
-                        refine_max_epochs=args.refine_epochs)  # fmt: skip
+                        refine_max_epochs=args.refine_epochs,
+                        refine_lr=args.refine_lr)  # fmt: skip
     return Engine(
         settings,
         ModelStore(models=FilesystemBackend(home / "models"), sites=FilesystemBackend(sites)),
@@ -385,7 +387,9 @@ def markdown(
         f"Setup: base model trained on {args.n_train} source subjects ({args.epochs} U-Net + "
         f"{args.head_epochs} head epochs, M=16), FOV {args.fov_mm:g} mm; {args.n_test} test "
         f"subjects per domain (seed {TEST_SEED}), {args.n_unseen} unseen (seed {UNSEEN_SEED}); "
-        f"refinement: Adam lr 1e-3, batch 20, stop at |ΔDice| < 0.005, at most "
+        f"refinement: Adam lr {args.refine_lr:g}"
+        + (" (batch-norm statistics only)" if args.refine_lr == 0 else "")
+        + ", batch 20, stop at |ΔDice| < 0.005, at most "
         f"{args.refine_epochs} epochs; guard at the defaults of `sitefit/defaults.py`. Surface "
         "Dice at 1 mm vs ground truth, mean over subjects (multi-class: mean over classes). "
         "*one-shot* is the product's output (guarded); *unguarded* is the last epoch of the same "
@@ -490,6 +494,12 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--head-epochs", type=int, default=6)
     parser.add_argument("--refine-epochs", type=int, default=10)
+    parser.add_argument(
+        "--refine-lr",
+        type=float,
+        default=defaults.REFINE_LR,
+        help="init-path learning rate (0: batch-norm statistics only)",
+    )
     # BN "frozen" was measured worse (bench/refine_probe.py, docs/method.md): not by default
     parser.add_argument("--batchnorm", nargs="+", default=["train"])
     parser.add_argument("--seed", type=int, default=0)

@@ -37,13 +37,16 @@ AUTO_THRESHOLD = 0.9
 AUTO_MARGIN = 0.02
 MODEL_CACHE_BYTES = 2 * 1024**3
 
-# Guard (worker/guard.py): revert a refinement whose final mask moved too far from the
-# starting model's, measured by signals the refinement loss does not optimise. These are the
-# values the published quality benchmarks ran with (docs/benchmarks.md); the calibration in
-# bench/guard_calibration.py is not finished, and its extra checks are off by default.
-GUARD_MAX_VOLUME_CHANGE = 1.0  # relative change of any class's predicted volume
-GUARD_MIN_AGREEMENT = 0.5  # Dice(start final mask, refined final mask)
-GUARD_MIN_CONSISTENCY_GAIN = 0.0  # an epoch's Dice(early, final) must reach the start's + this
+# Guard (worker/guard.py): revert a refinement that is not converging on the scan, judged by
+# signals the refinement loss does not optimise. Calibrated on the phantom benchmark
+# (bench/guard_calibration.py: chosen on calibration seed 3000, reported on held-out seed 4000,
+# docs/benchmarks.md "Adaptation guard: calibration"): of the checks, the self-consistency gain
+# alone separates helpful from harmful refinements there; the agreement and volume checks stay
+# available (settings) but are off, since every setting of them that met the criteria scored
+# lower on the calibration seed. The empty-mask and divergence checks are always on.
+GUARD_MAX_VOLUME_CHANGE = float("inf")  # relative change of any class's predicted volume
+GUARD_MIN_AGREEMENT = 0.0  # Dice(start final mask, refined final mask)
+GUARD_MIN_CONSISTENCY_GAIN = 0.05  # an epoch's Dice(early, final) must reach the start's + this
 GUARD_MAX_ENTROPY_RISE = float("inf")  # relative rise of the final output's mean entropy
 
 # Evaluation.

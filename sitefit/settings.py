@@ -26,7 +26,13 @@ class Settings(BaseSettings):
     )
     tolerance_mm: float = Field(default=defaults.SURFACE_TOLERANCE_MM, gt=0)
     refine_max_epochs: int = Field(default=defaults.REFINE_MAX_EPOCHS, ge=1, le=200)
-    refine_lr: float = Field(default=defaults.REFINE_LR, gt=0, le=10)
+    refine_lr: float = Field(
+        default=defaults.REFINE_LR,
+        ge=0,
+        le=10,
+        description="Adam learning rate of the init path; 0 (with refine_batchnorm 'train'): "
+        "only the batch-norm statistics adapt to the scan",
+    )
     refine_batch_size: int = Field(default=defaults.REFINE_BATCH_SIZE, ge=1)
     refine_batchnorm: BatchNormMode = Field(
         default="train",
@@ -56,6 +62,16 @@ class Settings(BaseSettings):
     guard: bool = Field(default=True, description="revert refinements the guard judges harmful")
     guard_max_volume_change: float = Field(default=defaults.GUARD_MAX_VOLUME_CHANGE, gt=0)
     guard_min_agreement: float = Field(default=defaults.GUARD_MIN_AGREEMENT, ge=0, le=1)
+    guard_min_consistency_gain: float = Field(
+        default=defaults.GUARD_MIN_CONSISTENCY_GAIN,
+        le=1,
+        description="an epoch's self-consistency must reach the start's plus this",
+    )
+    guard_max_entropy_rise: float = Field(
+        default=defaults.GUARD_MAX_ENTROPY_RISE,
+        gt=0,
+        description="largest relative rise of the final output's mean entropy (inf: off)",
+    )
 
     @field_validator("device")
     @classmethod
@@ -114,6 +130,15 @@ class Settings(BaseSettings):
                 if site != "*" and not SITE_NAME.fullmatch(site):
                     raise ValueError(f"API key sites must be valid site names, not {site!r}")
         return value
+
+    @model_validator(mode="after")
+    def _refuse_refinement_that_changes_nothing(self) -> Settings:
+        if self.refine_lr == 0 and self.refine_batchnorm == "frozen":
+            raise ValueError(
+                "refine_lr 0 with refine_batchnorm 'frozen' would change nothing: "
+                "use refine_batchnorm 'train' (statistics only) or a learning rate above 0"
+            )
+        return self
 
     @model_validator(mode="after")
     def _refuse_open_network_binding(self) -> Settings:

@@ -133,6 +133,8 @@ class Engine:
             enabled=self.settings.guard,
             max_volume_change=self.settings.guard_max_volume_change,
             min_agreement=self.settings.guard_min_agreement,
+            min_consistency_gain=self.settings.guard_min_consistency_gain,
+            max_entropy_rise=self.settings.guard_max_entropy_rise,
         )
 
     def base_net(self, spec: ModelSpec) -> SegmentationNet:

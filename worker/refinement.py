@@ -22,7 +22,9 @@ activations, Adam keeps float32 weights, and the eval pass picks its own batch s
 Batch norm (``batchnorm``): ``"train"`` keeps the whole network in train mode while refining,
 as the authors' code does, so every BN layer's running statistics drift to the target scan;
 ``"frozen"`` keeps BN in eval mode (source statistics). See docs/method.md for the measured
-choice of default.
+choice of default. A learning rate of 0 with ``"train"`` is the statistics-only variant: each
+step is the forward pass alone, so only the BN running statistics move (docs/method.md,
+"What the gains come from").
 """
 
 from __future__ import annotations
@@ -132,7 +134,10 @@ def refine(
                 index = order[start : start + config.batch_size]
                 if index.numel() < 2 and config.batchnorm == "train":
                     continue  # a single slice gives BatchNorm no batch statistics worth using
-                _step(net, execution.layout(slices[index]), optimizer, execution)
+                if config.learning_rate == 0:
+                    _statistics_step(net, execution.layout(slices[index]), execution)
+                else:
+                    _step(net, execution.layout(slices[index]), optimizer, execution)
             tock = time.perf_counter()
             train_seconds += tock - tick
             prediction = run_eval(net, slices, execution, eval_batch)
@@ -185,6 +190,14 @@ def _step(
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
+
+
+def _statistics_step(net: SegmentationNet, batch: torch.Tensor, execution: Execution) -> None:
+    """A step with learning rate 0: the forward pass alone, which in train mode moves every
+    batch-norm layer's running statistics towards the scan's (no weight changes, no backward).
+    The early head holds no batch norm, so the teacher's path is all that runs."""
+    with torch.no_grad(), execution.autocast_context():
+        net.body(net.init_path(batch))
 
 
 def snapshot(net: SegmentationNet) -> dict[str, torch.Tensor]:

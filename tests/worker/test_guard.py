@@ -25,7 +25,9 @@ SIGNALS = {
     "largest_fall", "epochs_failing",
 }  # fmt: skip
 
-CONFIG = GuardConfig(enabled=True, max_volume_change=0.5, min_agreement=0.7)
+CONFIG = GuardConfig(
+    enabled=True, max_volume_change=0.5, min_agreement=0.7, min_consistency_gain=0.0
+)
 
 
 def labels(*boxes: tuple[int, int, int]) -> torch.Tensor:

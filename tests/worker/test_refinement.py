@@ -62,6 +62,21 @@ def test_train_batchnorm_moves_running_statistics_past_the_init_path() -> None:
     assert not torch.equal(net.body.down[0].bn.running_mean, mean)
 
 
+def test_learning_rate_zero_moves_only_batchnorm_statistics() -> None:
+    """The statistics-only variant: every parameter bitwise, every BN layer's statistics move."""
+    net, slices = _net(), _slices()
+    parameters = {name: p.detach().clone() for name, p in net.named_parameters()}
+    means = {n: b.clone() for n, b in net.named_buffers() if n.endswith("running_mean")}
+    config = RefineConfig(max_epochs=2, batch_size=4, learning_rate=0.0, stop_delta=-1.0)
+    result = refine(net, slices, 2, 0.0, config)
+    assert result.epochs == 2
+    for name, parameter in net.named_parameters():
+        assert torch.equal(parameter, parameters[name]), name
+    for name, buffer in net.named_buffers():
+        if name in means:
+            assert not torch.equal(buffer, means[name]), name
+
+
 def test_teacher_gets_no_gradient() -> None:
     """Gradients reach the init path only through the early head, never via the teacher."""
     net, slices = _net(), _slices()
