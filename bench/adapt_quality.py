@@ -534,7 +534,12 @@ def main() -> int:
             replace_section(
                 args.out,
                 f"adapt_quality-{task}{args.tag}",
-                f"Adaptation quality, task `{task}` (paper Tables 1-3)",
+                f"Adaptation quality, task `{task}`: "
+                + (
+                    "the product default (batch-norm statistics, lr 0)"
+                    if args.refine_lr == 0
+                    else f"the paper's init-path self-training (lr {args.refine_lr:g})"
+                ),
                 text,
             )
             print(f"wrote {args.out}")

@@ -267,13 +267,13 @@ def record_path(
     args: argparse.Namespace, task: str, domain: str, seed: int, index: int, kind: str = ""
 ) -> Path:
     """Where a record goes: one folder per numerics (``records/bf16``, ``records/fp32``)."""
-    return args.work / "records" / args.numerics / f"{task}-{domain}-{seed}-{kind}{index:02d}.json"
+    return args.work / "records" / args.folder / f"{task}-{domain}-{seed}-{kind}{index:02d}.json"
 
 
 def collect(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     # the product's refinement defaults (BN train), at the asked numerics
-    config = RefineConfig(precision=args.precision)
+    config = RefineConfig(precision=args.precision, learning_rate=args.lr)
     sizes = {CALIBRATION_SEED: args.n_calibration, HELD_OUT_SEED: args.n_held_out}
     for task in args.tasks:
         root, spec = model_for(task, args)
@@ -421,7 +421,7 @@ def sweep(records: list[dict[str, Any]], grid: dict[str, Sequence[float]]) -> li
     return rows
 
 
-def chosen(rows: list[Row]) -> GuardConfig:
+def chosen(rows: list[Row], grid: dict[str, Sequence[float]] = GRID) -> GuardConfig:
     """A passing setting that is not on a cliff, explained in the report.
 
     Among the settings meeting (a) and (b), ranked by, in order:
@@ -435,7 +435,7 @@ def chosen(rows: list[Row]) -> GuardConfig:
     4. the neighbours' mean score.
     When nothing passes: the best score among settings meeting (a), with a warning.
     """
-    index = {tuple(GRID[name].index(getattr(row[0], name)) for name in GRID): row for row in rows}
+    index = {tuple(grid[name].index(getattr(row[0], name)) for name in grid): row for row in rows}
 
     def good(row: Row, than: Row) -> bool:
         return row[1] and row[2] and round(row[4], 4) >= round(than[4], 4)
@@ -488,7 +488,7 @@ def chosen(rows: list[Row]) -> GuardConfig:
 def product_config(args: argparse.Namespace) -> GuardConfig:
     """The guard as the product runs it: the Settings defaults through Engine.guard_config()."""
     home = args.work / "home"
-    engine = Engine(Settings(home=home, device="cpu"), ModelStore(home))
+    engine = Engine(Settings(home=home, device="cpu", refine_lr=args.lr), ModelStore(home))
     return engine.guard_config()
 
 
@@ -785,15 +785,18 @@ def other_numerics_section(
 
 
 def calibrate(args: argparse.Namespace) -> None:
-    calibration = load_records(args, CALIBRATION_SEED, args.calibrate_on)
+    suffix = args.folder.removeprefix(args.numerics)  # "" or "-lrLR"
+    calibration = load_records(args, CALIBRATION_SEED, args.calibrate_on + suffix)
     product_numerics = numerics("auto")
-    held_out = load_records(args, HELD_OUT_SEED, product_numerics)
+    held_out = load_records(args, HELD_OUT_SEED, product_numerics + suffix)
     other_numerics = "fp32" if product_numerics == "bf16" else "bf16"
-    held_out_other = load_records(args, HELD_OUT_SEED, other_numerics)
+    held_out_other = load_records(args, HELD_OUT_SEED, other_numerics + suffix)
     if not calibration or not held_out:
         raise SystemExit("no records: run `python bench/guard_calibration.py collect` first")
-    rows = sweep(calibration, GRID)
-    best = chosen(rows)
+    # with learning rate 0 the engine turns the self-consistency check off (worker/engine.py)
+    grid = {**GRID, "min_consistency_gain": (-INF,)} if args.lr == 0 else GRID
+    rows = sweep(calibration, grid)
+    best = chosen(rows, grid)
     product = product_config(args)
     print(f"calibrated: {best}\nproduct defaults: {product}", flush=True)
     if best != product:
@@ -817,7 +820,8 @@ def calibrate(args: argparse.Namespace) -> None:
         f"Setup: base models `bench-brain`, `bench-heart`, `bench-tissue` (M=16, {args.n_train} "
         f"source subjects, {args.epochs} U-Net + {args.head_epochs} head epochs, FOV "
         f"{args.fov_mm:g} mm); refinement as the product's defaults (Adam lr "
-        f"{defaults.REFINE_LR:g}, batch {defaults.REFINE_BATCH_SIZE}, BN train, at most "
+        f"{args.lr:g}{' (batch-norm statistics only)' if args.lr == 0 else ''}, "
+        f"batch {defaults.REFINE_BATCH_SIZE}, BN train, at most "
         f"{defaults.REFINE_MAX_EPOCHS} epochs, stop at |ΔDice| < {defaults.REFINE_STOP_DELTA}). "
         f"One unguarded refinement per scan; the guard's decision (`worker.guard.decide`) is "
         f"replayed on every epoch's recorded signals. Thresholds chosen on calibration seed "
@@ -902,7 +906,12 @@ def calibrate(args: argparse.Namespace) -> None:
     }
     (args.work / "calibration.json").write_text(json.dumps(summary, indent=1, default=str))
     if not args.no_write:
-        replace_section(args.out, "guard_calibration", "Adaptation guard: calibration", body)
+        title = "Adaptation guard: calibration for " + (
+            "the product default (lr 0: batch-norm statistics)"
+            if args.lr == 0
+            else f"the paper's self-training (lr {args.lr:g})"
+        )
+        replace_section(args.out, f"guard_calibration{suffix}", title, body)
         print(f"wrote {args.out}")
 
 
@@ -984,7 +993,7 @@ def steps(args: argparse.Namespace) -> None:
             for domain in domains:
                 images = case_paths(task, domain, HELD_OUT_SEED, args.n_held_out, args)
                 for index, image in enumerate(images[: args.n_steps]):
-                    default = rule == "adam" and lr == defaults.REFINE_LR
+                    default = rule == "adam" and lr == defaults.PAPER_REFINE_LR
                     name = f"{task}-{domain}-{rule}-{lr:g}-{index:02d}.json"
                     path = (
                         record_path(args, task, domain, HELD_OUT_SEED, index)
@@ -1053,6 +1062,13 @@ def main() -> int:
         default="fp32",
         help="numerics of the calibration-seed records the thresholds are chosen on",
     )
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=defaults.PAPER_REFINE_LR,
+        help="refinement learning rate (0: batch-norm statistics only, the product default); "
+        "records of another than the paper's 1e-3 go to records/NUMERICS-lrLR",
+    )
     parser.add_argument("--fov-mm", type=float, default=80.0)
     parser.add_argument("--n-train", type=int, default=6)
     parser.add_argument("--epochs", type=int, default=12)
@@ -1064,6 +1080,7 @@ def main() -> int:
     args = parser.parse_args()
     args.argv = sys.argv[1:]
     args.numerics = numerics(args.precision)
+    args.folder = args.numerics + ("" if args.lr == defaults.PAPER_REFINE_LR else f"-lr{args.lr:g}")
     commands: dict[str, Callable[[argparse.Namespace], None]] = {
         "collect": collect,
         "calibrate": calibrate,

@@ -8,7 +8,9 @@ quality benchmark's data, e.g.::
 It prints the base model's surface Dice against the ground truth, Dice(early, final) before
 refinement, then the surface Dice of the final mask and Dice(early, final) after each epoch
 (the stopping rule is off so every epoch is shown). It reads the base models and cases that
-``bench/adapt_quality.py --work var/bench1`` wrote.
+``bench/adapt_quality.py --work var/bench1`` wrote; ``--data`` names another dataset folder
+(e.g. one of ``bench/guard_calibration.py``'s). ``--lr 0`` is the statistics-only variant:
+with BN ``train`` only the batch-norm running statistics move.
 """
 
 from __future__ import annotations
@@ -40,11 +42,12 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--work", type=Path, default=ROOT / "var" / "bench1")
+    parser.add_argument("--data", type=Path, help="dataset folder (default: the first test set)")
     args = parser.parse_args()
 
     registry = BaseModelRegistry(args.work / "home" / "models")
     spec = registry.spec(f"bench-{args.task}")
-    data = sorted((args.work / "data").glob(f"{args.task}-{args.domain}-1000-*"))[0]
+    data = args.data or sorted((args.work / "data").glob(f"{args.task}-{args.domain}-1000-*"))[0]
     scan = load_scan(sorted((data / "imagesTr").glob("*"))[0], 10**9)
     reference = load_label_map(sorted((data / "labelsTr").glob("*"))[0], like=scan)
     prepared = prepare_scan(scan, spec.slice_axis, torch.device("cpu"))

@@ -60,8 +60,9 @@ def _train(settings: Settings, dataset: Path, name: str) -> None:
 
     registry = BaseModelRegistry(settings.models_dir)
     log = TRAINING_LOGS.setdefault(name, [])
-    train_base_model(dataset, name, TrainConfig(**TINY_TRAINING), registry, torch.device("cpu"),
-                     log=log.append)
+    train_base_model(
+        dataset, name, TrainConfig(**TINY_TRAINING), registry, torch.device("cpu"), log=log.append
+    )
 
 
 @pytest.fixture(scope="session")

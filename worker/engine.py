@@ -129,11 +129,17 @@ class Engine:
         )
 
     def guard_config(self) -> GuardConfig:
+        # The self-consistency check asks a loop to raise its own objective; with learning
+        # rate 0 there is no objective being optimised (only batch-norm statistics move), so
+        # the check has nothing to judge and is off. Every other check stays.
+        statistics_only = self.settings.refine_lr == 0
         return GuardConfig(
             enabled=self.settings.guard,
             max_volume_change=self.settings.guard_max_volume_change,
             min_agreement=self.settings.guard_min_agreement,
-            min_consistency_gain=self.settings.guard_min_consistency_gain,
+            min_consistency_gain=-math.inf
+            if statistics_only
+            else self.settings.guard_min_consistency_gain,
             max_entropy_rise=self.settings.guard_max_entropy_rise,
         )
 

@@ -57,7 +57,9 @@ EpochCallback = Callable[[int, float], None]
 @dataclass(frozen=True)
 class RefineConfig:
     max_epochs: int = defaults.REFINE_MAX_EPOCHS
-    learning_rate: float = defaults.REFINE_LR
+    # the paper's init-path self-training; 0: batch-norm statistics only (the product default,
+    # sitefit.settings.Settings.refine_lr)
+    learning_rate: float = defaults.PAPER_REFINE_LR
     batch_size: int = defaults.REFINE_BATCH_SIZE
     batchnorm: BatchNormMode = "train"
     stop_delta: float = defaults.REFINE_STOP_DELTA

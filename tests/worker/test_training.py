@@ -34,12 +34,19 @@ def test_multiclass_model_uses_softmax_outputs(settings: Settings, heart_model: 
     assert spec.architecture.num_outputs == len(spec.classes) == 4
 
 
-def test_training_is_reproducible(settings: Settings, brain_model: str, brain_dataset: Path,
-                                  tmp_path: Path) -> None:
+def test_training_is_reproducible(
+    settings: Settings, brain_model: str, brain_dataset: Path, tmp_path: Path
+) -> None:
     """The same data, configuration and seed give bitwise the same weights."""
     first = BaseModelRegistry(settings.models_dir).spec(brain_model)
-    again = train_base_model(brain_dataset, brain_model, TrainConfig(**TINY_TRAINING),
-                             BaseModelRegistry(tmp_path), torch.device("cpu"), log=str)
+    again = train_base_model(
+        brain_dataset,
+        brain_model,
+        TrainConfig(**TINY_TRAINING),
+        BaseModelRegistry(tmp_path),
+        torch.device("cpu"),
+        log=str,
+    )
     assert again.sha256 == first.sha256
 
 
