@@ -793,10 +793,8 @@ def calibrate(args: argparse.Namespace) -> None:
     held_out_other = load_records(args, HELD_OUT_SEED, other_numerics + suffix)
     if not calibration or not held_out:
         raise SystemExit("no records: run `python bench/guard_calibration.py collect` first")
-    # with learning rate 0 the engine turns the self-consistency check off (worker/engine.py)
-    grid = {**GRID, "min_consistency_gain": (-INF,)} if args.lr == 0 else GRID
-    rows = sweep(calibration, grid)
-    best = chosen(rows, grid)
+    rows = sweep(calibration, GRID)
+    best = chosen(rows)
     product = product_config(args)
     print(f"calibrated: {best}\nproduct defaults: {product}", flush=True)
     if best != product:

@@ -62,10 +62,11 @@ class Settings(BaseSettings):
     guard: bool = Field(default=True, description="revert refinements the guard judges harmful")
     guard_max_volume_change: float = Field(default=defaults.GUARD_MAX_VOLUME_CHANGE, gt=0)
     guard_min_agreement: float = Field(default=defaults.GUARD_MIN_AGREEMENT, ge=0, le=1)
-    guard_min_consistency_gain: float = Field(
-        default=defaults.GUARD_MIN_CONSISTENCY_GAIN,
+    guard_min_consistency_gain: float | None = Field(
+        default=None,
         le=1,
-        description="an epoch's self-consistency must reach the start's plus this",
+        description="an epoch's self-consistency must reach the start's plus this; null: the "
+        "refinement's default (0.05 for the self-training, -0.05 with refine_lr 0)",
     )
     guard_max_entropy_rise: float = Field(
         default=defaults.GUARD_MAX_ENTROPY_RISE,

@@ -34,6 +34,7 @@ import sitefit
 from model_store import ModelStore
 from model_store.sites import SiteVersion, check_site
 from model_store.spec import ModelSpec
+from sitefit import defaults
 from sitefit.exceptions import ModelStoreError
 from sitefit.report import Guard, Mode, ModelIdentity, Refinement, Report, SiteWeights, Timings
 from sitefit.settings import Settings
@@ -129,17 +130,21 @@ class Engine:
         )
 
     def guard_config(self) -> GuardConfig:
-        # The self-consistency check asks a loop to raise its own objective; with learning
-        # rate 0 there is no objective being optimised (only batch-norm statistics move), so
-        # the check has nothing to judge and is off. Every other check stays.
-        statistics_only = self.settings.refine_lr == 0
+        # The self-consistency check asks the self-training to raise its own objective; with
+        # learning rate 0 nothing is optimised (only batch-norm statistics move), so there it
+        # only bounds a fall. Each default is calibrated for its mode (sitefit/defaults.py).
+        gain = self.settings.guard_min_consistency_gain
+        if gain is None:
+            gain = (
+                defaults.GUARD_MIN_CONSISTENCY_GAIN_STATISTICS
+                if self.settings.refine_lr == 0
+                else defaults.GUARD_MIN_CONSISTENCY_GAIN
+            )
         return GuardConfig(
             enabled=self.settings.guard,
             max_volume_change=self.settings.guard_max_volume_change,
             min_agreement=self.settings.guard_min_agreement,
-            min_consistency_gain=-math.inf
-            if statistics_only
-            else self.settings.guard_min_consistency_gain,
+            min_consistency_gain=gain,
             max_entropy_rise=self.settings.guard_max_entropy_rise,
         )
 

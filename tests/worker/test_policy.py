@@ -205,6 +205,16 @@ def test_refinement_failing_the_guard_is_reverted_to_the_base_output(
     assert np.array_equal(_mask(result), _mask(base))
 
 
+def test_self_consistency_threshold_defaults_by_refinement_mode(engine: Engine) -> None:
+    """Self-training must raise its own objective; statistics only must not let it fall far."""
+    statistics = engine.settings.model_copy(update={"refine_lr": 0.0})
+    training = engine.settings.model_copy(update={"refine_lr": 1e-3})
+    explicit = engine.settings.model_copy(update={"guard_min_consistency_gain": 0.2})
+    gains = [Engine(s, engine.store).guard_config().min_consistency_gain
+             for s in (statistics, training, explicit)]  # fmt: skip
+    assert gains == [-0.05, 0.05, 0.2]
+
+
 def test_guard_can_be_switched_off(
     engine: Engine, brain_model: str, shifted_brain_case: PhantomCase
 ) -> None:
