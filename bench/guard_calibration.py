@@ -421,7 +421,7 @@ def sweep(records: list[dict[str, Any]], grid: dict[str, Sequence[float]]) -> li
     return rows
 
 
-def chosen(rows: list[Row], grid: dict[str, Sequence[float]] = GRID) -> GuardConfig:
+def chosen(rows: list[Row]) -> GuardConfig:
     """A passing setting that is not on a cliff, explained in the report.
 
     Among the settings meeting (a) and (b), ranked by, in order:
@@ -435,7 +435,7 @@ def chosen(rows: list[Row], grid: dict[str, Sequence[float]] = GRID) -> GuardCon
     4. the neighbours' mean score.
     When nothing passes: the best score among settings meeting (a), with a warning.
     """
-    index = {tuple(grid[name].index(getattr(row[0], name)) for name in grid): row for row in rows}
+    index = {tuple(GRID[name].index(getattr(row[0], name)) for name in GRID): row for row in rows}
 
     def good(row: Row, than: Row) -> bool:
         return row[1] and row[2] and round(row[4], 4) >= round(than[4], 4)
