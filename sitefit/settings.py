@@ -34,6 +34,13 @@ class Settings(BaseSettings):
         "only the batch-norm statistics adapt to the scan",
     )
     refine_batch_size: int = Field(default=defaults.REFINE_BATCH_SIZE, ge=1)
+    refine_min_statistics_steps: int = Field(
+        default=defaults.REFINE_MIN_STATISTICS_STEPS,
+        ge=0,
+        le=10_000,
+        description="with refine_lr 0: batch-norm update steps before the stopping rule may "
+        "stop the refinement (the epoch cap still holds)",
+    )
     refine_batchnorm: BatchNormMode = Field(
         default="train",
         description="'train': BN layers use and update target batch statistics while refining "

@@ -127,6 +127,7 @@ class Engine:
             learning_rate=self.settings.refine_lr,
             batch_size=self.settings.refine_batch_size,
             batchnorm=self.settings.refine_batchnorm,
+            min_statistics_steps=self.settings.refine_min_statistics_steps,
         )
 
     def guard_config(self) -> GuardConfig:

@@ -24,7 +24,8 @@ as the authors' code does, so every BN layer's running statistics drift to the t
 ``"frozen"`` keeps BN in eval mode (source statistics). See docs/method.md for the measured
 choice of default. A learning rate of 0 with ``"train"`` is the statistics-only variant: each
 step is the forward pass alone, so only the BN running statistics move (docs/method.md,
-"What the gains come from").
+"What the gains come from"). There the stopping rule waits for ``min_statistics_steps`` steps
+(``sitefit.defaults.REFINE_MIN_STATISTICS_STEPS`` says why); the epoch cap still holds.
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ class RefineConfig:
     precision: Precision = "auto"
     # slices per eval pass; None: the batch size on the fp32 path, chosen for speed otherwise
     eval_batch_size: int | None = None
+    # statistics-only (learning rate 0): no stop before this many BN update steps
+    min_statistics_steps: int = defaults.REFINE_MIN_STATISTICS_STEPS
 
 
 @dataclass
@@ -123,6 +126,9 @@ def refine(
     prediction: SlicePrediction | None = None
     count = slices.shape[0]
     train_seconds = eval_seconds = 0.0
+    statistics_only = config.learning_rate == 0 and config.batchnorm == "train"
+    min_steps = config.min_statistics_steps if statistics_only else 0
+    steps = 0
     with running(net, execution):
         optimizer = torch.optim.Adam(parameters, lr=config.learning_rate)
         eval_batch = config.eval_batch_size or eval_batch_size(
@@ -140,6 +146,7 @@ def refine(
                     _statistics_step(net, execution.layout(slices[index]), execution)
                 else:
                     _step(net, execution.layout(slices[index]), optimizer, execution)
+                steps += 1
             tock = time.perf_counter()
             train_seconds += tock - tick
             prediction = run_eval(net, slices, execution, eval_batch)
@@ -151,7 +158,7 @@ def refine(
                 predictions.append(prediction)
             if on_epoch is not None:
                 on_epoch(epoch, dice)
-            if abs(dice - previous) < config.stop_delta:
+            if abs(dice - previous) < config.stop_delta and steps >= min_steps:
                 stopped = "converged"
                 break
             previous = dice

@@ -108,6 +108,30 @@ def test_stops_when_self_consistency_settles() -> None:
     assert len(result.dice_trace) == 1
 
 
+@pytest.mark.parametrize(("min_steps", "epochs"), [(0, 1), (1, 1), (3, 1), (4, 2), (10, 4)])
+def test_statistics_only_waits_for_its_minimum_steps(min_steps: int, epochs: int) -> None:
+    # 12 slices in batches of 4: 3 steps per epoch; stop_delta 1.0 settles every epoch
+    net, slices = _net(), _slices()
+    initial = foreground_dice(*_heads(net, slices), 2)
+    config = RefineConfig(
+        max_epochs=50, learning_rate=0.0, batch_size=4, stop_delta=1.0,
+        min_statistics_steps=min_steps,
+    )  # fmt: skip
+    result = refine(net, slices, 2, initial, config)
+    assert result.stopped == "converged" and result.epochs == epochs
+
+
+def test_minimum_statistics_steps_leave_the_epoch_cap_and_the_self_training_alone() -> None:
+    net, slices = _net(), _slices()
+    initial = foreground_dice(*_heads(net, slices), 2)
+    capped = RefineConfig(
+        max_epochs=2, learning_rate=0.0, batch_size=4, stop_delta=1.0, min_statistics_steps=100
+    )
+    assert refine(net, slices, 2, initial, capped).epochs == 2
+    trained = RefineConfig(max_epochs=50, batch_size=4, stop_delta=1.0, min_statistics_steps=100)
+    assert refine(_net(), slices, 2, initial, trained).epochs == 1
+
+
 def test_epoch_callback_and_kept_states() -> None:
     net, slices = _net(), _slices()
     seen: list[tuple[int, float]] = []
