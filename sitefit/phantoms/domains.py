@@ -145,7 +145,7 @@ _DOMAIN_LIST = (
         noise="rician",
         noise_sigma=0.04,
         intensity_scale=1.0,
-        brain_contrast=_brain(0.0, 0.38, 0.6, 0.34, 0.04, 0.4, 0.24, 0.52, 0.6, 0.8),
+        brain_contrast=_brain(0.0, 0.4, 0.74, 0.35, 0.04, 0.5, 0.18, 0.5, 0.58, 0.78),
         heart_contrast=_heart(0.0, 0.32, 0.45, 0.28, 0.05, 0.35, 0.05, 0.88, 0.27, 0.36, 0.85),
     ),
     ScannerDomain(
