@@ -3,6 +3,13 @@
     python bench/adapt_speed.py --quick         # the 96^3 volume only
     python bench/adapt_speed.py                 # the benchmark volume, 176 slices of 256x256
     python bench/adapt_speed.py --quality       # fp32 vs fast path (and the reference) on phantoms
+    python bench/adapt_speed.py --quick --refine-lr 0.001   # sitefit running the paper's loop
+
+sitefit runs the product default unless told otherwise: batch-norm statistics only
+(``--refine-lr 0``, each step a forward pass), with the guard's threshold for that mode; the
+baseline is always the authors' self-training at lr 1e-3. ``--refine-lr 0.001`` compares the
+same loop in both (its results go to ``results-lr0.001.json`` and the docs section
+``adapt_speed-lr0.001``).
 
 Both methods start from the same weights (one base model, loaded fresh for every run) and see
 the same batches in the same order: sitefit runs what the engine runs in mode ``adapt`` (base
@@ -248,6 +255,9 @@ class Settings:
     stop_delta: float = defaults.REFINE_STOP_DELTA
     precision: Precision = "auto"
     eval_batch: int | None = None
+    # sitefit's init-path learning rate: the product default (0, batch-norm statistics only)
+    # or the paper's 1e-3; the reference loop is always the authors' self-training
+    learning_rate: float = defaults.REFINE_LR
 
 
 def run_method(
@@ -287,11 +297,19 @@ def run_method(
         stop_delta=settings.stop_delta,
         precision=settings.precision,
         eval_batch_size=settings.eval_batch,
+        learning_rate=settings.learning_rate,
     )
     result = refine(net, slices, num_classes, start_consistency, config, keep_states=True)
     seconds["train"], seconds["evaluate"] = result.train_seconds, result.eval_seconds
     tick = time.perf_counter()
-    guard = GuardConfig(True, defaults.GUARD_MAX_VOLUME_CHANGE, defaults.GUARD_MIN_AGREEMENT)
+    guard = GuardConfig(
+        True,
+        defaults.GUARD_MAX_VOLUME_CHANGE,
+        defaults.GUARD_MIN_AGREEMENT,
+        min_consistency_gain=defaults.GUARD_MIN_CONSISTENCY_GAIN_STATISTICS
+        if settings.learning_rate == 0
+        else defaults.GUARD_MIN_CONSISTENCY_GAIN,
+    )
     verdict = judge(base, result.predictions, num_classes, guard, result.dice_trace)
     kept = verdict.kept_epoch
     if kept is not None:
@@ -326,7 +344,7 @@ def warm_up(net: SegmentationNet, slices: torch.Tensor, method: str, settings: S
     import copy
 
     small = slices[: min(4, slices.shape[0])]
-    tiny = Settings(1, 2, -1.0, settings.precision, None)
+    tiny = Settings(1, 2, -1.0, settings.precision, None, settings.learning_rate)
     run_method(method, copy.deepcopy(net), small, 2, tiny)
 
 
@@ -338,7 +356,9 @@ def measured_run(args: argparse.Namespace) -> dict[str, Any]:
     image_path, label_path = volume_files(volume, args.work)
     spec, tensors = model_weights(args.work)
     classes = len(spec.classes)
-    settings = Settings(args.max_epochs, args.batch_size, args.stop_delta, args.precision)
+    settings = Settings(
+        args.max_epochs, args.batch_size, args.stop_delta, args.precision, None, args.refine_lr
+    )
     tick = time.perf_counter()
     scan = load_scan(image_path, defaults.MAX_VOXELS)
     prepared = prepare_scan(scan, spec.slice_axis, device)
@@ -444,6 +464,8 @@ def spawn(method: str, volume: str, args: argparse.Namespace) -> dict[str, Any]:
         str(args.stop_delta),
         "--precision",
         args.precision,
+        "--refine-lr",
+        repr(args.refine_lr),
     ]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith(MARKER)]
@@ -490,6 +512,7 @@ def compare(volume: str, args: argparse.Namespace) -> dict[str, Any]:
         "max_epochs": args.max_epochs,
         "stop_delta": args.stop_delta,
         "precision": args.precision,
+        "refine_lr": args.refine_lr,
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python bench/adapt_speed.py " + " ".join(args.argv),
     }
@@ -535,7 +558,7 @@ def sweeps(args: argparse.Namespace) -> dict[str, Any]:
         times = []
         for _ in range(args.sweep_repeats):
             net = fresh_net(config, tensors, device)
-            settings = Settings(epochs, batch, -1.0, args.precision)
+            settings = Settings(epochs, batch, -1.0, args.precision, None, args.refine_lr)
             sync(device)
             tick = time.perf_counter()
             run_method("sitefit", net, part, classes, settings)
@@ -544,7 +567,10 @@ def sweeps(args: argparse.Namespace) -> dict[str, Any]:
         return statistics.median(times)
 
     warm_up(
-        fresh_net(config, tensors, device), slices, "sitefit", Settings(precision=args.precision)
+        fresh_net(config, tensors, device),
+        slices,
+        "sitefit",
+        Settings(precision=args.precision, learning_rate=args.refine_lr),
     )
     counts = [n for n in (24, 48, 96) if n <= slices.shape[0]]
     by_slices = {n: timed(n, args.batch_size) for n in counts}
@@ -562,6 +588,7 @@ def sweeps(args: argparse.Namespace) -> dict[str, Any]:
         "intercept_s": float(intercept),
         "r2": r2,
         "device": describe_device(device),
+        "refine_lr": args.refine_lr,
     }
 
 
@@ -600,7 +627,14 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
             for method in methods:
                 net = fresh_net(config, tensors, device)
                 precision: Precision = "fp32" if method == "fp32" else "auto"
-                settings = Settings(args.max_epochs, args.batch_size, args.stop_delta, precision)
+                settings = Settings(
+                    args.max_epochs,
+                    args.batch_size,
+                    args.stop_delta,
+                    precision,
+                    None,
+                    args.refine_lr,
+                )
                 tick = time.perf_counter()
                 run = run_method(
                     "reference" if method == "reference" else "sitefit",
@@ -648,8 +682,14 @@ def machine() -> str:
     )
 
 
+def suffix(args: argparse.Namespace) -> str:
+    """Of the results file and the docs section: none for the product's learning rate."""
+    return "" if args.refine_lr == defaults.REFINE_LR else f"-lr{args.refine_lr:g}"
+
+
 def results_file(args: argparse.Namespace) -> Path:
-    return args.work / "results.json"
+    work: Path = args.work
+    return work / f"results{suffix(args)}.json"
 
 
 def load_results(args: argparse.Namespace) -> dict[str, Any]:
@@ -668,10 +708,15 @@ def _f(value: float, digits: int = 2) -> str:
     return f"{value:.{digits}f}"
 
 
-def markdown(results: dict[str, Any]) -> str:
+def markdown(results: dict[str, Any], refine_lr: float) -> str:
+    variant = (
+        "batch-norm statistics only, learning rate 0, the product default"
+        if refine_lr == 0
+        else f"the paper's init-path self-training at learning rate {refine_lr:g}"
+    )
     out = [
-        "sitefit's one-shot adapt+segment (what the engine runs in mode `adapt`: base pass, "
-        "`refine` with kept states, guard) against the authors' loop re-implemented in "
+        f"sitefit's one-shot adapt+segment ({variant}; what the engine runs in mode `adapt`: "
+        "base pass, `refine` with kept states, guard) against the authors' loop re-implemented in "
         "`bench/reference_loop.py` (whole model in train mode, attached teacher from a full "
         "forward pass, init path computed twice, separate eval pass per epoch, separate "
         "segmentation pass), from the same base weights, same batches, same stopping rule. "
@@ -795,6 +840,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=defaults.REFINE_BATCH_SIZE)
     parser.add_argument("--stop-delta", type=float, default=defaults.REFINE_STOP_DELTA)
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    parser.add_argument(
+        "--refine-lr",
+        type=float,
+        default=defaults.REFINE_LR,
+        help="sitefit's init-path learning rate (default: the product's, 0 = batch-norm "
+        f"statistics only; {defaults.PAPER_REFINE_LR:g} = the paper's self-training)",
+    )
     parser.add_argument("--no-sweep", action="store_true", help="skip the scaling sweeps")
     parser.add_argument("--sweep-repeats", type=int, default=3)
     parser.add_argument("--quality", action="store_true", help="only the quality comparison")
@@ -835,11 +887,16 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_sweep:
             results["sweep"] = sweeps(args)
     store_results(args, results)
-    text = markdown(results)
+    text = markdown(results, args.refine_lr)
     print(text)
     if not args.no_docs:
+        title = "Refinement speed: sitefit" + (
+            " (the product default, batch-norm statistics)"
+            if args.refine_lr == 0
+            else f" (the paper's self-training, lr {args.refine_lr:g})"
+        )
         replace_section(
-            args.out, "adapt_speed", "Refinement speed: sitefit vs the authors' loop", text
+            args.out, f"adapt_speed{suffix(args)}", f"{title} vs the authors' loop", text
         )
         print(f"wrote {args.out}")
     if args.quality:
