@@ -388,7 +388,12 @@ def markdown(
         f"{args.head_epochs} head epochs, M=16), FOV {args.fov_mm:g} mm; {args.n_test} test "
         f"subjects per domain (seed {TEST_SEED}), {args.n_unseen} unseen (seed {UNSEEN_SEED}); "
         f"refinement: Adam lr {args.refine_lr:g}"
-        + (" (batch-norm statistics only)" if args.refine_lr == 0 else "")
+        + (
+            " (batch-norm statistics only; no stop before "
+            f"{defaults.REFINE_MIN_STATISTICS_STEPS} BN steps)"
+            if args.refine_lr == 0
+            else ""
+        )
         + ", batch 20, stop at |ΔDice| < 0.005, at most "
         f"{args.refine_epochs} epochs; guard at the defaults of `sitefit/defaults.py`. Surface "
         "Dice at 1 mm vs ground truth, mean over subjects (multi-class: mean over classes). "
