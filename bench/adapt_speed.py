@@ -76,7 +76,7 @@ from sitefit.metrics import dice as volume_dice  # noqa: E402
 from sitefit.metrics import surface_dice  # noqa: E402
 from sitefit.phantoms import DOMAINS, make_subject, write_dataset  # noqa: E402
 from sitefit.volume import load_label_map, load_scan  # noqa: E402
-from worker.guard import GuardConfig, judge  # noqa: E402
+from worker.guard import GuardConfig, default_consistency_gain, judge  # noqa: E402
 from worker.inference import Precision, foreground_dice, predict  # noqa: E402
 from worker.nets import NetConfig, SegmentationNet  # noqa: E402
 from worker.preprocess import prepare_scan  # noqa: E402
@@ -306,9 +306,7 @@ def run_method(
         True,
         defaults.GUARD_MAX_VOLUME_CHANGE,
         defaults.GUARD_MIN_AGREEMENT,
-        min_consistency_gain=defaults.GUARD_MIN_CONSISTENCY_GAIN_STATISTICS
-        if settings.learning_rate == 0
-        else defaults.GUARD_MIN_CONSISTENCY_GAIN,
+        min_consistency_gain=default_consistency_gain(settings.learning_rate),
     )
     verdict = judge(base, result.predictions, num_classes, guard, result.dice_trace)
     kept = verdict.kept_epoch

@@ -34,7 +34,6 @@ import sitefit
 from model_store import ModelStore
 from model_store.sites import SiteVersion, check_site
 from model_store.spec import ModelSpec
-from sitefit import defaults
 from sitefit.exceptions import ModelStoreError
 from sitefit.report import Guard, Mode, ModelIdentity, Refinement, Report, SiteWeights, Timings
 from sitefit.settings import Settings
@@ -42,7 +41,7 @@ from sitefit.volume import load_label_map, load_scan, mask_to_image
 from worker.cache import CacheKey, ModelCache
 from worker.device import describe, resolve_device
 from worker.figures import LabelVolumes, compute_figures
-from worker.guard import GuardConfig, Verdict, bn_shift, judge
+from worker.guard import GuardConfig, Verdict, bn_shift, default_consistency_gain, judge
 from worker.inference import SlicePrediction, foreground_dice, predict
 from worker.nets import SegmentationNet
 from worker.preprocess import PreparedScan, prepare_scan
@@ -131,16 +130,9 @@ class Engine:
         )
 
     def guard_config(self) -> GuardConfig:
-        # The self-consistency check asks the self-training to raise its own objective; with
-        # learning rate 0 nothing is optimised (only batch-norm statistics move), so there it
-        # only bounds a fall. Each default is calibrated for its mode (sitefit/defaults.py).
         gain = self.settings.guard_min_consistency_gain
-        if gain is None:
-            gain = (
-                defaults.GUARD_MIN_CONSISTENCY_GAIN_STATISTICS
-                if self.settings.refine_lr == 0
-                else defaults.GUARD_MIN_CONSISTENCY_GAIN
-            )
+        if gain is None:  # the default of the refinement's mode
+            gain = default_consistency_gain(self.settings.refine_lr)
         return GuardConfig(
             enabled=self.settings.guard,
             max_volume_change=self.settings.guard_max_volume_change,

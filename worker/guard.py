@@ -57,6 +57,17 @@ class GuardConfig:
     max_entropy_rise: float = defaults.GUARD_MAX_ENTROPY_RISE
 
 
+def default_consistency_gain(learning_rate: float) -> float:
+    """The calibrated self-consistency threshold for a refinement mode (sitefit/defaults.py).
+
+    The check asks the self-training to raise its own objective; with learning rate 0 nothing
+    is optimised (only batch-norm statistics move), so there it only bounds a fall.
+    """
+    if learning_rate == 0:
+        return defaults.GUARD_MIN_CONSISTENCY_GAIN_STATISTICS
+    return defaults.GUARD_MIN_CONSISTENCY_GAIN
+
+
 @dataclass(frozen=True)
 class StartSignals:
     """What the checks compare each epoch with: the starting weights' prediction."""
