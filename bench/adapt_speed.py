@@ -75,8 +75,9 @@ from sitefit.exceptions import ModelNotFoundError  # noqa: E402
 from sitefit.metrics import dice as volume_dice  # noqa: E402
 from sitefit.metrics import surface_dice  # noqa: E402
 from sitefit.phantoms import DOMAINS, make_subject, write_dataset  # noqa: E402
+from sitefit.settings import StatisticsAverage  # noqa: E402
 from sitefit.volume import load_label_map, load_scan  # noqa: E402
-from worker.guard import GuardConfig, default_consistency_gain, judge  # noqa: E402
+from worker.guard import GuardConfig, acceptance, default_consistency_gain, judge  # noqa: E402
 from worker.inference import Precision, foreground_dice, predict  # noqa: E402
 from worker.nets import NetConfig, SegmentationNet  # noqa: E402
 from worker.preprocess import prepare_scan  # noqa: E402
@@ -258,6 +259,8 @@ class Settings:
     # sitefit's init-path learning rate: the product default (0, batch-norm statistics only)
     # or the paper's 1e-3; the reference loop is always the authors' self-training
     learning_rate: float = defaults.REFINE_LR
+    # with learning rate 0: how the batch-norm running statistics follow the scan
+    statistics_average: StatisticsAverage = defaults.REFINE_STATISTICS_AVERAGE
 
 
 def run_method(
@@ -298,16 +301,18 @@ def run_method(
         precision=settings.precision,
         eval_batch_size=settings.eval_batch,
         learning_rate=settings.learning_rate,
+        statistics_average=settings.statistics_average,
     )
-    result = refine(net, slices, num_classes, start_consistency, config, keep_states=True)
-    seconds["train"], seconds["evaluate"] = result.train_seconds, result.eval_seconds
-    tick = time.perf_counter()
     guard = GuardConfig(
         True,
         defaults.GUARD_MAX_VOLUME_CHANGE,
         defaults.GUARD_MIN_AGREEMENT,
         min_consistency_gain=default_consistency_gain(settings.learning_rate),
     )
+    result = refine(net, slices, num_classes, start_consistency, config, keep_states=True,
+                    accept=acceptance(base, num_classes, guard))  # fmt: skip
+    seconds["train"], seconds["evaluate"] = result.train_seconds, result.eval_seconds
+    tick = time.perf_counter()
     verdict = judge(base, result.predictions, num_classes, guard, result.dice_trace)
     kept = verdict.kept_epoch
     if kept is not None:
@@ -355,8 +360,9 @@ def measured_run(args: argparse.Namespace) -> dict[str, Any]:
     spec, tensors = model_weights(args.work)
     classes = len(spec.classes)
     settings = Settings(
-        args.max_epochs, args.batch_size, args.stop_delta, args.precision, None, args.refine_lr
-    )
+        args.max_epochs, args.batch_size, args.stop_delta, args.precision, None, args.refine_lr,
+        args.statistics_average,
+    )  # fmt: skip
     tick = time.perf_counter()
     scan = load_scan(image_path, defaults.MAX_VOXELS)
     prepared = prepare_scan(scan, spec.slice_axis, device)
@@ -464,6 +470,8 @@ def spawn(method: str, volume: str, args: argparse.Namespace) -> dict[str, Any]:
         args.precision,
         "--refine-lr",
         repr(args.refine_lr),
+        "--statistics-average",
+        args.statistics_average,
     ]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith(MARKER)]
@@ -511,6 +519,7 @@ def compare(volume: str, args: argparse.Namespace) -> dict[str, Any]:
         "stop_delta": args.stop_delta,
         "precision": args.precision,
         "refine_lr": args.refine_lr,
+        "statistics_average": args.statistics_average,
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python bench/adapt_speed.py " + " ".join(args.argv),
     }
@@ -556,7 +565,8 @@ def sweeps(args: argparse.Namespace) -> dict[str, Any]:
         times = []
         for _ in range(args.sweep_repeats):
             net = fresh_net(config, tensors, device)
-            settings = Settings(epochs, batch, -1.0, args.precision, None, args.refine_lr)
+            settings = Settings(epochs, batch, -1.0, args.precision, None, args.refine_lr,
+                                args.statistics_average)  # fmt: skip
             sync(device)
             tick = time.perf_counter()
             run_method("sitefit", net, part, classes, settings)
@@ -568,7 +578,11 @@ def sweeps(args: argparse.Namespace) -> dict[str, Any]:
         fresh_net(config, tensors, device),
         slices,
         "sitefit",
-        Settings(precision=args.precision, learning_rate=args.refine_lr),
+        Settings(
+            precision=args.precision,
+            learning_rate=args.refine_lr,
+            statistics_average=args.statistics_average,
+        ),
     )
     counts = [n for n in (24, 48, 96) if n <= slices.shape[0]]
     by_slices = {n: timed(n, args.batch_size) for n in counts}
@@ -587,6 +601,7 @@ def sweeps(args: argparse.Namespace) -> dict[str, Any]:
         "r2": r2,
         "device": describe_device(device),
         "refine_lr": args.refine_lr,
+        "statistics_average": args.statistics_average,
     }
 
 
@@ -632,6 +647,7 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
                     precision,
                     None,
                     args.refine_lr,
+                    args.statistics_average,
                 )
                 tick = time.perf_counter()
                 run = run_method(
@@ -681,8 +697,12 @@ def machine() -> str:
 
 
 def suffix(args: argparse.Namespace) -> str:
-    """Of the results file and the docs section: none for the product's learning rate."""
-    return "" if args.refine_lr == defaults.REFINE_LR else f"-lr{args.refine_lr:g}"
+    """Of the results file and the docs section: none for the product's refinement."""
+    if args.refine_lr != defaults.REFINE_LR:
+        return f"-lr{args.refine_lr:g}"
+    if args.statistics_average != defaults.REFINE_STATISTICS_AVERAGE:
+        return f"-{args.statistics_average}"
+    return ""
 
 
 def results_file(args: argparse.Namespace) -> Path:
@@ -706,26 +726,37 @@ def _f(value: float, digits: int = 2) -> str:
     return f"{value:.{digits}f}"
 
 
-def markdown(results: dict[str, Any], refine_lr: float) -> str:
-    variant = (
-        "batch-norm statistics only, learning rate 0, the product default"
-        if refine_lr == 0
-        else f"the paper's init-path self-training at learning rate {refine_lr:g}"
+def variant(refine_lr: float, statistics_average: str) -> str:
+    """sitefit's refinement in words, for the docs."""
+    if refine_lr != 0:
+        return f"the paper's init-path self-training at learning rate {refine_lr:g}"
+    average = (
+        "the plain mean of the refinement's batch statistics"
+        if statistics_average == "cumulative"
+        else "the authors' momentum average"
     )
+    default = statistics_average == defaults.REFINE_STATISTICS_AVERAGE
+    return f"batch-norm statistics only, learning rate 0, {average}" + (
+        ", the product default" if default else ""
+    )
+
+
+def markdown(results: dict[str, Any], refine_lr: float, statistics_average: str) -> str:
     out = [
-        f"sitefit's one-shot adapt+segment ({variant}; what the engine runs in mode `adapt`: "
-        "base pass, `refine` with kept states, guard) against the authors' loop re-implemented in "
-        "`bench/reference_loop.py` (whole model in train mode, attached teacher from a full "
-        "forward pass, init path computed twice, separate eval pass per epoch, separate "
-        "segmentation pass), from the same base weights, same batches, same stopping rule. "
-        "Each run is a fresh process; runs alternate between the methods; times are medians; "
-        "*paired* is the median of the ratios of consecutive runs, *CPU-time* the ratio of "
-        "the runs' process CPU time (user+sys, all threads): on a shared, oversubscribed "
-        "machine wall time depends on what else runs, CPU time much less. "
-        "Seconds exclude loading and scaling (the same for both, column *prep*). Peak memory: "
-        "the run's process RSS (VmHWM) on CPU, `torch.cuda.max_memory_allocated` on GPU. "
-        "sDice: surface Dice at 1 mm of the final mask vs the phantom's ground truth (sitefit: "
-        "last epoch; *guarded*: the epoch the guard keeps, i.e. the engine's output).",
+        f"sitefit's one-shot adapt+segment ({variant(refine_lr, statistics_average)}; "
+        "what the engine runs in mode `adapt`: base pass, `refine` with kept states, guard) "
+        "against the authors' loop re-implemented in `bench/reference_loop.py` (whole model "
+        "in train mode, attached teacher from a full forward pass, init path computed twice, "
+        "separate eval pass per epoch, separate segmentation pass), from the same base "
+        "weights, same batches, same stopping rule. Each run is a fresh process; runs "
+        "alternate between the methods; times are medians; *paired* is the median of the "
+        "ratios of consecutive runs, *CPU-time* the ratio of the runs' process CPU time "
+        "(user+sys, all threads): on a shared, oversubscribed machine wall time depends on "
+        "what else runs, CPU time much less. Seconds exclude loading and scaling (the same "
+        "for both, column *prep*). Peak memory: the run's process RSS (VmHWM) on CPU, "
+        "`torch.cuda.max_memory_allocated` on GPU. sDice: surface Dice at 1 mm of the final "
+        "mask vs the phantom's ground truth (sitefit: last epoch; *guarded*: the epoch the "
+        "guard keeps, i.e. the engine's output).",
         "",
         "| volume | device | reference s | sitefit s | ratio (paired; CPU-time) "
         "| epochs ref / sitefit | stages ref (initial / train / evaluate / segment) "
@@ -762,9 +793,15 @@ def markdown(results: dict[str, Any], refine_lr: float) -> str:
     sweep = results.get("sweep")
     if sweep:
         size = "x".join(map(str, sweep["in_plane"]))
+        work = (
+            "the statistics path: its passes, and its points evaluated until the guard accepts"
+            if sweep.get("refine_lr", 0) == 0
+            and sweep.get("statistics_average", "momentum") == "cumulative"
+            else f"{sweep['epochs']} epochs fixed"
+        )
         out += [
             "",
-            f"Scaling (sitefit, {size} slices, {sweep['epochs']} epochs fixed, "
+            f"Scaling (sitefit, {size} slices, {work}, "
             f"{sweep['device']}): time against the number of slices "
             + ", ".join(f"{n}: {_f(s, 1)} s" for n, s in sweep["by_slices"].items())
             + f" — linear fit {_f(sweep['seconds_per_slice'], 3)} s per slice + "
@@ -845,6 +882,12 @@ def main(argv: list[str] | None = None) -> int:
         help="sitefit's init-path learning rate (default: the product's, 0 = batch-norm "
         f"statistics only; {defaults.PAPER_REFINE_LR:g} = the paper's self-training)",
     )
+    parser.add_argument(
+        "--statistics-average",
+        choices=["cumulative", "momentum"],
+        default=defaults.REFINE_STATISTICS_AVERAGE,
+        help="with --refine-lr 0: how sitefit's batch-norm running statistics follow the scan",
+    )
     parser.add_argument("--no-sweep", action="store_true", help="skip the scaling sweeps")
     parser.add_argument("--sweep-repeats", type=int, default=3)
     parser.add_argument("--quality", action="store_true", help="only the quality comparison")
@@ -885,14 +928,15 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_sweep:
             results["sweep"] = sweeps(args)
     store_results(args, results)
-    text = markdown(results, args.refine_lr)
+    text = markdown(results, args.refine_lr, args.statistics_average)
     print(text)
     if not args.no_docs:
-        title = "Refinement speed: sitefit" + (
-            " (the product default, batch-norm statistics)"
-            if args.refine_lr == 0
-            else f" (the paper's self-training, lr {args.refine_lr:g})"
-        )
+        if args.refine_lr != 0:
+            title = f"Refinement speed: sitefit (the paper's self-training, lr {args.refine_lr:g})"
+        elif args.statistics_average == defaults.REFINE_STATISTICS_AVERAGE:
+            title = "Refinement speed: sitefit (the product default, batch-norm statistics)"
+        else:
+            title = f"Refinement speed: sitefit (batch-norm statistics, {args.statistics_average})"
         replace_section(
             args.out, f"adapt_speed{suffix(args)}", f"{title} vs the authors' loop", text
         )

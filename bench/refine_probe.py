@@ -10,7 +10,12 @@ refinement, then the surface Dice of the final mask and Dice(early, final) after
 (the stopping rule is off so every epoch is shown). It reads the base models and cases that
 ``bench/adapt_quality.py --work var/bench1`` wrote; ``--data`` names another dataset folder
 (e.g. one of ``bench/guard_calibration.py``'s). ``--lr 0`` is the statistics-only variant:
-with BN ``train`` only the batch-norm running statistics move.
+with BN ``train`` only the batch-norm running statistics move; with ``--average cumulative``
+the "epochs" are the points of ``--path`` on the way to the scan's statistics, averaged over
+``--passes`` shuffles (``--seed``: which shuffles), e.g.::
+
+    python bench/refine_probe.py --work var/bench-stats --task brain --domain b3t --lr 0 \
+        --average cumulative --passes 1 --path 1 --seed 2
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from model_store.base_models import BaseModelRegistry  # noqa: E402
+from sitefit import defaults  # noqa: E402
 from sitefit.metrics import overlap_per_class  # noqa: E402
 from sitefit.volume import load_label_map, load_scan  # noqa: E402
 from worker.inference import foreground_dice, predict  # noqa: E402
@@ -43,13 +49,20 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--work", type=Path, default=ROOT / "var" / "bench1")
     parser.add_argument("--data", type=Path, help="dataset folder (default: the first test set)")
+    parser.add_argument("--index", type=int, default=0, help="which scan of the dataset")
+    parser.add_argument("--average", choices=["cumulative", "momentum"], default="momentum")
+    parser.add_argument("--passes", type=int, default=defaults.REFINE_STATISTICS_PASSES)
+    parser.add_argument(
+        "--path", type=float, nargs="+", default=list(defaults.REFINE_STATISTICS_PATH)
+    )
+    parser.add_argument("--seed", type=int, default=defaults.SEED)
     args = parser.parse_args()
 
     registry = BaseModelRegistry(args.work / "home" / "models")
     spec = registry.spec(f"bench-{args.task}")
     data = args.data or sorted((args.work / "data").glob(f"{args.task}-{args.domain}-1000-*"))[0]
-    scan = load_scan(sorted((data / "imagesTr").glob("*"))[0], 10**9)
-    reference = load_label_map(sorted((data / "labelsTr").glob("*"))[0], like=scan)
+    scan = load_scan(sorted((data / "imagesTr").glob("*"))[args.index], 10**9)
+    reference = load_label_map(sorted((data / "labelsTr").glob("*"))[args.index], like=scan)
     prepared = prepare_scan(scan, spec.slice_axis, torch.device("cpu"))
     foreground = {k: v for k, v in spec.classes.items() if k}
 
@@ -62,11 +75,14 @@ def main() -> int:
     base = predict(net, prepared.slices, 20)
     classes = len(spec.classes)
     config = RefineConfig(max_epochs=args.epochs, learning_rate=args.lr,
-                          batchnorm=args.batchnorm, stop_delta=-1.0)  # fmt: skip
+                          batchnorm=args.batchnorm, stop_delta=-1.0,
+                          statistics_average=args.average, statistics_passes=args.passes,
+                          statistics_path=tuple(args.path), seed=args.seed)  # fmt: skip
     before = foreground_dice(base.early, base.final, classes)
     result = refine(net, prepared.slices, classes, before, config, keep_states=True)
     print(
-        f"{args.task} {args.domain} BN {args.batchnorm} lr {args.lr:g}: base sDice "
+        f"{args.task} {args.domain} BN {args.batchnorm} lr {args.lr:g} "
+        f"({args.average if args.lr == 0 else 'self-training'}): base sDice "
         f"{sdice(base.final):.3f}, Dice(early, final) {before:.3f}; per epoch sDice "
         + " ".join(f"{sdice(p.final):.3f}" for p in result.predictions)
         + "; Dice(early, final) "

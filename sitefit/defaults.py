@@ -3,6 +3,8 @@
 The method's values follow Sheikh & Schultz (MIDL 2022) §2 unless a comment says otherwise.
 """
 
+from typing import Final
+
 # Network (paper §2.1, Shirokikh et al. 2020).
 BASE_CHANNELS = 16  # M: feature maps of the full-resolution init path
 INIT_RES_BLOCKS = 3  # pre-activation residual blocks in the init path
@@ -35,21 +37,47 @@ REFINE_LR = 0.0
 REFINE_BATCH_SIZE = 20  # slices per step, as in the authors' code
 REFINE_MAX_EPOCHS = 10
 REFINE_STOP_DELTA = 0.005  # stop when Dice(early, final) changes by less than this
-# Statistics-only (REFINE_LR 0): the stopping rule may fire only after this many batch-norm
-# update steps. With PyTorch's BN momentum of 0.1 a running statistic is, after k steps,
-# (1 - 0.9**k) of the way from the source's to the scan's: 10 steps move it 65% of the way.
+# Statistics-only (REFINE_LR 0) with the momentum average (below): the stopping rule may fire
+# only after this many batch-norm update steps. With PyTorch's BN momentum of 0.1 a running
+# statistic is, after k steps, (1 - 0.9**k) of the way from the source's to the scan's: 10
+# steps move it 65% of the way.
 # The rule's Dice(early, final) is the self-training's objective and can stay flat while the
 # statistics still move (the cardiac early head: Dice(early, final) 0.04-0.09, so the rule
 # fired after one epoch, 2 steps on a 33-slice scan, 19% of the way). On the calibration seed
 # (docs/method.md) the cardiac b3t gain rose from +0.080 to +0.200 with 10 steps, tissue b3t
 # stayed (+0.005 -> +0.004).
 REFINE_MIN_STATISTICS_STEPS = 10
+# Statistics-only: how the batch-norm running statistics follow the scan. "cumulative": one
+# pass (REFINE_STATISTICS_PASSES of them) makes them the plain mean of its batch statistics,
+# the scan's own, then the guard chooses among the points of REFINE_STATISTICS_PATH
+# (fractions of the way from the starting statistics to the scan's), one eval pass each,
+# from the last back to the first the guard accepts: 3 to 5 passes over the scan after the
+# base pass, where the momentum average's epoch loop took 2 per epoch for 5 to 8 epochs.
+# "momentum":
+# the exponential average of the authors' code, with REFINE_MIN_STATISTICS_STEPS. Measured
+# side by side in docs/benchmarks.md ("Refinement speed", "Adaptation quality"); the middle
+# points are there for the guard (docs/method.md, "The statistics path").
+REFINE_STATISTICS_AVERAGE: Final = "cumulative"
+REFINE_STATISTICS_PATH = (0.5, 0.75, 1.0)
+# Passes (each a new shuffle into batches) the cumulative average takes: the statistics of one
+# pass depend on how its batches fell (in train mode a batch is normalised with its own), and
+# the output can be sensitive to them. On a brain b3t test scan (53 slices, 3 batches) the
+# surface Dice at the scan's statistics over three shuffles was 0.56-0.71 with 1 pass,
+# 0.64-0.70 with 2 (mean 0.676), 0.65-0.70 with 3 (0.668), 0.66-0.69 with 4 (0.674) and
+# 0.68-0.69 with 8; the momentum average, about 19 batches deep, 0.71. Each pass costs about
+# what an eval pass does (docs/method.md, "The statistics path"); 2 is where the spread of
+# one pass is gone.
+REFINE_STATISTICS_PASSES = 2
 
 # Site policy (mode auto): use cached site weights as they are when their self-consistency
 # on the scan is at least AUTO_THRESHOLD, or within AUTO_MARGIN of the self-consistency they
 # reached on the scan they were refined on (a refinement from them would start where the last
 # one converged). The absolute threshold alone never fired on the phantom benchmark: cached
 # weights stayed below 0.9 on every shifted domain (docs/benchmarks.md, "Site cache").
+# Site versions (worker/site_update.py): with the statistics-only refinement a new version's
+# batch-norm statistics pool those of every scan the site was refined on ("pooled"), as
+# refining once on all of them would, rather than the last scan's alone ("latest").
+SITE_STATISTICS: Final = "pooled"
 AUTO_THRESHOLD = 0.9
 AUTO_MARGIN = 0.02
 MODEL_CACHE_BYTES = 2 * 1024**3
@@ -64,9 +92,12 @@ MODEL_CACHE_BYTES = 2 * 1024**3
 # The statistics-only default (REFINE_LR 0) optimises no figure, so there the self-consistency
 # check only bounds a fall: its own calibration ("Adaptation guard: calibration for the product
 # default") scores -0.05 the same as no check on both seeds and found no agreement or volume
-# threshold that keeps the gains. On the demo scan (`sitefit demo`, c15t, another base model)
-# the statistics lower the true surface Dice (0.323 -> 0.191 unguarded) while Dice(early,
-# final) slides from 0.730 to 0.643: -0.05 stops the slide at epoch 4 (0.203), no earlier.
+# threshold that keeps the gains. On the demo scan (`sitefit demo`, c15t) with the third
+# session's demo model the momentum loop lowered the true surface Dice (0.323 -> 0.191
+# unguarded) while Dice(early, final) slid from 0.730 to 0.643: -0.05 stopped the slide at
+# epoch 4 (0.203). The fourth session's demo model (retrained on another machine) gains there
+# (0.541 -> 0.591). On the speed benchmark's volume the same bound rejects the scan's
+# statistics (a helpful refinement) and keeps 0.75 of the way (docs/method.md).
 GUARD_MAX_VOLUME_CHANGE = float("inf")  # relative change of any class's predicted volume
 GUARD_MIN_AGREEMENT = 0.0  # Dice(start final mask, refined final mask)
 GUARD_MIN_CONSISTENCY_GAIN = 0.05  # an epoch's Dice(early, final) must reach the start's + this

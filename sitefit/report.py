@@ -62,6 +62,11 @@ class Refinement(BaseModel):
     best_epoch: int | None = Field(default=None, description="epoch whose weights were kept")
     batchnorm: str | None = None
     learning_rate: float | None = None
+    statistics_average: str | None = Field(
+        default=None,
+        description="with learning rate 0: how the batch-norm running statistics followed the "
+        "scan ('cumulative' or 'momentum')",
+    )
 
 
 class SiteWeights(BaseModel):
@@ -72,6 +77,14 @@ class SiteWeights(BaseModel):
     )
     self_consistency_when_saved: float | None = Field(
         default=None, description="Dice(early, final) they reached on the scan they were refined on"
+    )
+    self_consistency_saved: float | None = Field(
+        default=None,
+        description="Dice(early, final) on this scan of the version this job saved (with "
+        "pooled statistics that of the pool, not of this scan's output)",
+    )
+    saved_scans: int | None = Field(
+        default=None, description="scans the saved version was refined on (its statistics pool)"
     )
 
 

@@ -13,6 +13,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sitefit import defaults
 
 BatchNormMode = Literal["train", "frozen"]
+StatisticsAverage = Literal["cumulative", "momentum"]  # worker.refinement.RefineConfig
+SiteStatistics = Literal["pooled", "latest"]  # worker.site_update
 
 
 class Settings(BaseSettings):
@@ -34,12 +36,25 @@ class Settings(BaseSettings):
         "only the batch-norm statistics adapt to the scan",
     )
     refine_batch_size: int = Field(default=defaults.REFINE_BATCH_SIZE, ge=1)
+    refine_statistics_average: StatisticsAverage = Field(
+        default=defaults.REFINE_STATISTICS_AVERAGE,
+        description="with refine_lr 0: 'cumulative': the batch-norm running statistics become "
+        "the plain mean of the refinement's batch statistics (the scan's own after one epoch); "
+        "'momentum': the exponential average of the authors' code",
+    )
+    refine_statistics_passes: int = Field(
+        default=defaults.REFINE_STATISTICS_PASSES,
+        ge=1,
+        le=100,
+        description="with refine_lr 0 and the cumulative average: passes over the scan (each "
+        "a new shuffle into batches) whose batch statistics it averages",
+    )
     refine_min_statistics_steps: int = Field(
         default=defaults.REFINE_MIN_STATISTICS_STEPS,
         ge=0,
         le=10_000,
-        description="with refine_lr 0: batch-norm update steps before the stopping rule may "
-        "stop the refinement (the epoch cap still holds)",
+        description="with refine_lr 0 and the momentum average: batch-norm update steps before "
+        "the stopping rule may stop the refinement (the epoch cap still holds)",
     )
     refine_batchnorm: BatchNormMode = Field(
         default="train",
@@ -62,6 +77,12 @@ class Settings(BaseSettings):
         le=1,
         description="mode auto also uses them when their self-consistency on the scan is "
         "within this of what they reached on the scan they were refined on; null: off",
+    )
+    site_statistics: SiteStatistics = Field(
+        default=defaults.SITE_STATISTICS,
+        description="with refine_lr 0: 'pooled': a site version's batch-norm statistics are "
+        "the mean over every scan the site was refined on (each scan weighs the same); "
+        "'latest': those of the scan it was last refined on",
     )
     model_cache_bytes: int = Field(
         default=defaults.MODEL_CACHE_BYTES, ge=0, description="warm site-model cache budget"

@@ -52,7 +52,7 @@ TINY_TRAINING = {"epochs": 2, "head_epochs": 1, "batch_size": 8, "base_channels"
 TRAINING_LOGS: dict[str, list[str]] = {}  # what each session model's training printed
 
 
-def _train(settings: Settings, dataset: Path, name: str) -> None:
+def _train(settings: Settings, dataset: Path, name: str, **training: int) -> None:
     import torch
 
     from model_store.base_models import BaseModelRegistry
@@ -61,7 +61,12 @@ def _train(settings: Settings, dataset: Path, name: str) -> None:
     registry = BaseModelRegistry(settings.models_dir)
     log = TRAINING_LOGS.setdefault(name, [])
     train_base_model(
-        dataset, name, TrainConfig(**TINY_TRAINING), registry, torch.device("cpu"), log=log.append
+        dataset,
+        name,
+        TrainConfig(**{**TINY_TRAINING, **training}),
+        registry,
+        torch.device("cpu"),
+        log=log.append,
     )
 
 
@@ -78,6 +83,15 @@ def brain_model(settings: Settings, brain_dataset: Path) -> str:
     """Name of a tiny binary model trained on source brain phantoms."""
     _train(settings, brain_dataset, "tiny-brain")
     return "tiny-brain"
+
+
+@pytest.fixture(scope="session")
+def consistent_brain_model(settings: Settings, brain_dataset: Path) -> str:
+    """Like ``brain_model``, trained longer: its early head finds the brain (the tiny model's
+    finds nothing on other domains), and refining on ``near_source_brain_case`` raises
+    Dice(early, final), so a site version is saved."""
+    _train(settings, brain_dataset, "brain-consistent", epochs=4, head_epochs=8)
+    return "brain-consistent"
 
 
 @pytest.fixture(scope="session")
@@ -106,6 +120,11 @@ def shifted_brain_case(
     tmp_path_factory: pytest.TempPathFactory, shifted_domain: str
 ) -> PhantomCase:
     return _case(tmp_path_factory, "brain", shifted_domain)
+
+
+@pytest.fixture(scope="session")
+def near_source_brain_case(tmp_path_factory: pytest.TempPathFactory) -> PhantomCase:
+    return _case(tmp_path_factory, "brain", _domain("near-source"))
 
 
 @pytest.fixture(scope="session")

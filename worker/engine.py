@@ -20,7 +20,6 @@ Site policy for a scan of site S (``Report.mode_used`` and ``mode_reason`` say w
 from __future__ import annotations
 
 import copy
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,20 +34,28 @@ from model_store import ModelStore
 from model_store.sites import SiteVersion, check_site
 from model_store.spec import ModelSpec
 from sitefit.exceptions import ModelStoreError
-from sitefit.report import Guard, Mode, ModelIdentity, Refinement, Report, SiteWeights, Timings
+from sitefit.report import Mode, ModelIdentity, Report, SiteWeights, Timings
 from sitefit.settings import Settings
 from sitefit.volume import load_label_map, load_scan, mask_to_image
 from worker.cache import CacheKey, ModelCache
 from worker.device import describe, resolve_device
 from worker.figures import LabelVolumes, compute_figures
-from worker.guard import GuardConfig, Verdict, bn_shift, default_consistency_gain, judge
+from worker.guard import (
+    GuardConfig,
+    Verdict,
+    acceptance,
+    bn_shift,
+    default_consistency_gain,
+    judge,
+    overrule_on_divergence,
+)
 from worker.inference import SlicePrediction, foreground_dice, predict
 from worker.nets import SegmentationNet
 from worker.preprocess import PreparedScan, prepare_scan
 from worker.refinement import RefineConfig, RefinementResult, mutable_state, refine
+from worker.report_blocks import guard_block, refinement_block, rounded
+from worker.site_update import pooled_state, site_delta
 from worker.weights import build_net, load_numpy
-
-DIVERGED_NORM_GROWTH = 100.0
 
 
 @dataclass(frozen=True)
@@ -92,6 +99,7 @@ class _Outcome:
     site_used: SiteVersion | None = None
     site_saved: SiteVersion | None = None
     site_consistency: float | None = None  # the site weights' Dice(early, final) on this scan
+    site_saved_consistency: float | None = None  # the saved version's, on this scan
 
 
 @dataclass
@@ -126,6 +134,8 @@ class Engine:
             learning_rate=self.settings.refine_lr,
             batch_size=self.settings.refine_batch_size,
             batchnorm=self.settings.refine_batchnorm,
+            statistics_average=self.settings.refine_statistics_average,
+            statistics_passes=self.settings.refine_statistics_passes,
             min_statistics_steps=self.settings.refine_min_statistics_steps,
         )
 
@@ -198,10 +208,12 @@ class Engine:
             site_weights=SiteWeights(
                 used_version=outcome.site_used.version if outcome.site_used else None,
                 saved_version=outcome.site_saved.version if outcome.site_saved else None,
-                self_consistency_on_scan=_rounded(outcome.site_consistency),
+                self_consistency_on_scan=rounded(outcome.site_consistency),
                 self_consistency_when_saved=outcome.site_used.self_consistency_after
                 if outcome.site_used
                 else None,
+                self_consistency_saved=rounded(outcome.site_saved_consistency),
+                saved_scans=outcome.site_saved.scans_refined if outcome.site_saved else None,
             ),
             tolerance_mm=self.settings.tolerance_mm,
             device=describe(self.device),
@@ -211,8 +223,8 @@ class Engine:
             agreement_base_vs_adapted=figures.agreement_base_vs_adapted,
             reference=figures.reference,
             per_class=figures.per_class,
-            refinement=_refinement_block(outcome, self.refine_config()),
-            guard=_guard_block(outcome.verdict),
+            refinement=refinement_block(outcome.refinement, outcome.verdict, self.refine_config()),
+            guard=guard_block(outcome.verdict),
             warnings=warnings,
             sitefit_version=sitefit.__version__,
         )
@@ -325,25 +337,13 @@ class Engine:
 
         notify(Progress("adapting", 0))
         start_consistency = foreground_dice(start.early, start.final, classes)
+        guard = self.guard_config()
         result = refine(net, prepared.slices, classes, start_consistency, self.refine_config(),
-                        on_epoch, keep_states=True)  # fmt: skip
-        verdict = judge(start, result.predictions, classes, self.guard_config(), result.dice_trace)
-        diverged = _first_diverged(start_state, result.states)
-        if diverged is not None and self.settings.guard:
-            # Exploded weights make that epoch and every later one meaningless, whatever the
-            # masks look like: batch norm hides a blow-up of the init path from the output.
-            # Said first in the reason: it is the cause of whatever else the checks found.
-            kept_epoch = diverged - 1 if diverged > 1 else None
-            if kept_epoch is not None and (verdict.kept_epoch or 0) < kept_epoch:
-                kept_epoch = verdict.kept_epoch
-            why = f"refinement diverged: init-path weights exploded in epoch {diverged}"
-            if verdict.kept_epoch is None:  # the checks failed too: say what they found
-                why += "; " + verdict.reason.removeprefix("reverted: ")
-            verdict = Verdict(
-                kept_epoch,
-                f"reverted: {why}" if kept_epoch is None else f"epoch {kept_epoch} kept: {why}",
-                {**verdict.signals, "diverged_at_epoch": diverged},
-            )
+                        on_epoch, keep_states=True,
+                        accept=acceptance(start, classes, guard))  # fmt: skip
+        verdict = judge(start, result.predictions, classes, guard, result.dice_trace)
+        if self.settings.guard:
+            verdict = overrule_on_divergence(verdict, start_state, result.states)
         kept = verdict.kept_epoch
         verdict.signals["bn_shift"] = round(
             bn_shift(start_state, result.states[(kept or len(result.states)) - 1]), 6
@@ -352,83 +352,59 @@ class Engine:
         if kept is None:
             load_numpy(net, {k: v.cpu().numpy() for k, v in start_state.items()}, strict=False)
             return _Outcome("adapt", reason, start, result, verdict, site_used=used)
-        load_numpy(net, {k: v.cpu().numpy() for k, v in result.states[kept - 1].items()},
-                   strict=False)  # fmt: skip
+        kept_state = result.states[kept - 1]
+        load_numpy(net, {k: v.cpu().numpy() for k, v in kept_state.items()}, strict=False)
         after = result.predictions[kept - 1]
-        saved = None
-        after_consistency = foreground_dice(after.early, after.final, classes)
-        if request.site is not None and after_consistency > start_consistency:
-            saved = self._save_site(request.site, spec, net, used, start_consistency,
-                                    after_consistency, kept)  # fmt: skip
-            self.site_models.put(CacheKey(request.site, spec.name, saved.version, spec.sha256), net)
-        return _Outcome("adapt", reason, after, result, verdict, site_used=used, site_saved=saved)
+        outcome = _Outcome("adapt", reason, after, result, verdict, site_used=used)
+        if request.site is not None:
+            self._save_site(request.site, spec, prepared, net, used, start_state, start_consistency,
+                            after, kept, outcome)  # fmt: skip
+        return outcome
 
     def _save_site(
         self,
         site: str,
         spec: ModelSpec,
+        prepared: PreparedScan,
         net: SegmentationNet,
         started_from: SiteVersion | None,
-        before: float,
-        after: float,
+        start_state: dict[str, torch.Tensor],
+        start_consistency: float,
+        after: SlicePrediction,
         epochs: int,
-    ) -> SiteVersion:
-        """Store what differs from the base model as the site's next version."""
-        base = self._base_tensors[spec.sha256]
-        delta = {
-            key: value.detach().cpu().numpy().copy()
-            for key, value in mutable_state(net).items()
-            if not np.array_equal(value.cpu().numpy(), base[key])
-        }
-        return self.store.sites.append(
+        outcome: _Outcome,
+    ) -> None:
+        """Save the site's next version (what differs from the base model) when its
+        self-consistency on this scan beats that of the weights the refinement started from.
+
+        With the statistics-only refinement and ``Settings.site_statistics`` "pooled", the
+        version holds the batch-norm statistics pooled over the site's scans
+        (:mod:`worker.site_update`), judged by one more pass over this scan; ``net``, this
+        scan's output, keeps the scan's own.
+        """
+        classes = len(spec.classes)
+        scans = (started_from.scans_refined if started_from else 0) + 1
+        pooled = (
+            started_from is not None
+            and self.settings.refine_lr == 0
+            and self.settings.site_statistics == "pooled"
+        )
+        if pooled:
+            assert started_from is not None
+            state = pooled_state(start_state, mutable_state(net), started_from.scans_refined)
+            net = copy.deepcopy(net)
+            load_numpy(net, {k: v.cpu().numpy() for k, v in state.items()}, strict=False)
+            after = predict(net, prepared.slices, self.settings.refine_batch_size)
+        consistency = foreground_dice(after.early, after.final, classes)
+        if consistency <= start_consistency:
+            return
+        delta = site_delta(mutable_state(net), self._base_tensors[spec.sha256])
+        saved = self.store.sites.append(
             site, spec, delta,
-            scans_refined=(started_from.scans_refined if started_from else 0) + 1,
-            self_consistency_before=round(before, 6),
-            self_consistency_after=round(after, 6),
+            scans_refined=scans,
+            self_consistency_before=round(start_consistency, 6),
+            self_consistency_after=round(consistency, 6),
             refinement_epochs=epochs,
         )  # fmt: skip
-
-
-def _first_diverged(
-    start: dict[str, torch.Tensor], states: list[dict[str, torch.Tensor]]
-) -> int | None:
-    """1-based epoch after which an init-path tensor is non-finite or its norm grew past
-    ``DIVERGED_NORM_GROWTH`` times its start (refinement at sane step sizes stays within a
-    few times); None when no epoch diverged."""
-    for epoch, state in enumerate(states, start=1):
-        for key, value in state.items():
-            if not key.startswith("init_path.") or not value.is_floating_point():
-                continue
-            norm = float(torch.linalg.vector_norm(value.float()))
-            reference = float(torch.linalg.vector_norm(start[key].float()))
-            if not math.isfinite(norm) or norm > DIVERGED_NORM_GROWTH * max(reference, 1e-6):
-                return epoch
-    return None
-
-
-def _rounded(value: float | None) -> float | None:
-    return None if value is None else round(value, 6)
-
-
-def _refinement_block(outcome: _Outcome, config: RefineConfig) -> Refinement:
-    result = outcome.refinement
-    if result is None:
-        return Refinement(epochs=0, dice_trace=[], stopped="skipped")
-    return Refinement(
-        epochs=result.epochs,
-        dice_trace=[round(d, 6) for d in result.dice_trace],
-        stopped=result.stopped,
-        best_epoch=outcome.verdict.kept_epoch if outcome.verdict else result.epochs,
-        batchnorm=config.batchnorm,
-        learning_rate=config.learning_rate,
-    )
-
-
-def _guard_block(verdict: Verdict | None) -> Guard | None:
-    if verdict is None:
-        return None
-    return Guard(
-        verdict="reverted" if verdict.kept_epoch is None else "kept",
-        reason=verdict.reason,
-        signals=verdict.signals,
-    )
+        outcome.site_saved, outcome.site_saved_consistency = saved, consistency
+        self.site_models.put(CacheKey(site, spec.name, saved.version, spec.sha256), net)

@@ -29,6 +29,8 @@ docs/benchmarks.md "Adaptation guard: calibration"); defaults in ``sitefit/defau
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
@@ -37,6 +39,9 @@ import torch
 
 from sitefit import defaults
 from worker.inference import SlicePrediction, foreground_dice
+
+# an init-path tensor whose norm grows past this many times its start has diverged
+DIVERGED_NORM_GROWTH = 100.0
 
 
 @dataclass(frozen=True)
@@ -152,6 +157,48 @@ def bn_shift(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor]) -> fl
     return float(torch.stack(shifts).mean()) if shifts else 0.0
 
 
+def first_diverged(
+    start: dict[str, torch.Tensor], states: list[dict[str, torch.Tensor]]
+) -> int | None:
+    """1-based epoch after which an init-path tensor is non-finite or its norm grew past
+    ``DIVERGED_NORM_GROWTH`` times its start (refinement at sane step sizes stays within a
+    few times); None when no epoch diverged."""
+    for epoch, state in enumerate(states, start=1):
+        for key, value in state.items():
+            if not key.startswith("init_path.") or not value.is_floating_point():
+                continue
+            norm = float(torch.linalg.vector_norm(value.float()))
+            reference = float(torch.linalg.vector_norm(start[key].float()))
+            if not math.isfinite(norm) or norm > DIVERGED_NORM_GROWTH * max(reference, 1e-6):
+                return epoch
+    return None
+
+
+def overrule_on_divergence(
+    verdict: Verdict, start: dict[str, torch.Tensor], states: list[dict[str, torch.Tensor]]
+) -> Verdict:
+    """``verdict``, or an earlier epoch (or a revert) when the init path diverged.
+
+    Exploded weights make that epoch and every later one meaningless, whatever the masks look
+    like: batch norm hides a blow-up of the init path from the output. Said first in the
+    reason: it is the cause of whatever else the checks found.
+    """
+    diverged = first_diverged(start, states)
+    if diverged is None:
+        return verdict
+    kept_epoch = diverged - 1 if diverged > 1 else None
+    if kept_epoch is not None and (verdict.kept_epoch or 0) < kept_epoch:
+        kept_epoch = verdict.kept_epoch
+    why = f"refinement diverged: init-path weights exploded in epoch {diverged}"
+    if verdict.kept_epoch is None:  # the checks failed too: say what they found
+        why += "; " + verdict.reason.removeprefix("reverted: ")
+    return Verdict(
+        kept_epoch,
+        f"reverted: {why}" if kept_epoch is None else f"epoch {kept_epoch} kept: {why}",
+        {**verdict.signals, "diverged_at_epoch": diverged},
+    )
+
+
 def trace_shape(trace: list[float], start: float) -> dict[str, float | int]:
     steps = [b - a for a, b in zip([start, *trace], trace, strict=False)]
     signs = [s > 0 for s in steps if abs(s) > 1e-9]
@@ -180,6 +227,24 @@ def decide(
     if kept == last:
         return kept, "every check passed", problems
     return kept, f"epoch {kept} kept: later epochs failed ({'; '.join(problems[last])})", problems
+
+
+def acceptance(
+    start: SlicePrediction, num_classes: int, config: GuardConfig
+) -> Callable[[SlicePrediction], bool]:
+    """The per-epoch checks of ``judge`` as a predicate on one epoch's prediction (for
+    ``refine(..., accept=...)``): whether ``decide`` could keep it. With the guard off every
+    epoch passes."""
+    signals = StartSignals(
+        foreground_dice(start.early, start.final, num_classes), start.mean_entropy
+    )
+
+    def passes(prediction: SlicePrediction) -> bool:
+        if not config.enabled:
+            return True
+        return not epoch_signals(0, start, prediction, num_classes).problems(config, signals)
+
+    return passes
 
 
 def judge(

@@ -24,20 +24,31 @@ as the authors' code does, so every BN layer's running statistics drift to the t
 ``"frozen"`` keeps BN in eval mode (source statistics). See docs/method.md for the measured
 choice of default. A learning rate of 0 with ``"train"`` is the statistics-only variant: each
 step is the forward pass alone, so only the BN running statistics move (docs/method.md,
-"What the gains come from"). There the stopping rule waits for ``min_statistics_steps`` steps
-(``sitefit.defaults.REFINE_MIN_STATISTICS_STEPS`` says why); the epoch cap still holds.
+"What the gains come from"). How they move is ``statistics_average``:
+
+- ``"cumulative"`` (the default): ``statistics_passes`` passes over the scan make them the
+  plain mean of the passes' batch statistics, the scan's own (in train mode a batch is
+  normalised with its own statistics, so they do not depend on the running ones: the loop's
+  epochs only averaged more shuffles, with a fading memory of the source's). The
+  candidates for the guard are then the points of ``statistics_path`` on the way from the
+  starting statistics to the scan's, one eval pass each; no stopping rule is needed.
+- ``"momentum"``: PyTorch's exponential average (momentum 0.1, the authors' code) over the
+  epoch loop, which needs tens of steps to leave the source's behind, so there the stopping
+  rule waits for ``min_statistics_steps`` steps (``sitefit.defaults`` says why).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
 from sitefit import defaults
+from sitefit.settings import StatisticsAverage
 from worker.inference import (
     Execution,
     Precision,
@@ -53,6 +64,8 @@ from worker.nets import SegmentationNet, probabilities, soft_cross_entropy
 BatchNormMode = Literal["train", "frozen"]
 StopReason = Literal["converged", "max_epochs"]
 EpochCallback = Callable[[int, float], None]
+# whether the guard would keep the weights that gave this prediction (see ``refine``)
+Acceptance = Callable[[SlicePrediction], bool]
 
 
 @dataclass(frozen=True)
@@ -69,8 +82,24 @@ class RefineConfig:
     precision: Precision = "auto"
     # slices per eval pass; None: the batch size on the fp32 path, chosen for speed otherwise
     eval_batch_size: int | None = None
-    # statistics-only (learning rate 0): no stop before this many BN update steps
+    # statistics-only (learning rate 0): how the BN running statistics follow the scan
+    statistics_average: StatisticsAverage = defaults.REFINE_STATISTICS_AVERAGE
+    # with the cumulative average: the points evaluated on the way from the starting
+    # statistics (0) to the scan's (1), the candidates the guard chooses from
+    statistics_path: tuple[float, ...] = defaults.REFINE_STATISTICS_PATH
+    # with the cumulative average: passes over the scan (each a new shuffle) it averages
+    statistics_passes: int = defaults.REFINE_STATISTICS_PASSES
+    # statistics-only with the momentum average: no stop before this many BN update steps
     min_statistics_steps: int = defaults.REFINE_MIN_STATISTICS_STEPS
+
+    def __post_init__(self) -> None:
+        path = self.statistics_path
+        if not path or list(path) != sorted(set(path)) or path[0] <= 0 or path[-1] != 1:
+            raise ValueError(
+                f"statistics_path must rise strictly from above 0 to 1, not {list(path)}"
+            )
+        if self.statistics_passes < 1:
+            raise ValueError(f"statistics_passes must be >= 1, not {self.statistics_passes}")
 
 
 @dataclass
@@ -101,6 +130,7 @@ def refine(
     config: RefineConfig,
     on_epoch: EpochCallback | None = None,
     keep_states: bool = False,
+    accept: Acceptance | None = None,
 ) -> RefinementResult:
     """Refine ``net``'s init path in place on ``slices`` (N, 1, H, W) of one scan.
 
@@ -109,6 +139,11 @@ def refine(
     net's device, contiguous) so that a caller may pick an epoch other than the last.
     ``config.precision`` picks the numerics; ``"fp32"`` reproduces the original loop bitwise.
     The net's parameters keep their memory format on return.
+
+    ``accept`` (the guard's per-epoch checks, which keep the last epoch that passes) lets the
+    statistics path evaluate its points from the scan's statistics back towards the start
+    and stop at the first it accepts: the guard's choice is the same, with one eval pass
+    where all of them pass. The result then holds the evaluated points, in path order.
     """
     started = time.perf_counter()
     execution = execution_for(slices.device, config.precision)
@@ -117,67 +152,198 @@ def refine(
     parameters = refinable_parameters(net)
     for parameter in parameters:
         parameter.requires_grad_(True)
-
-    trace: list[float] = []
-    states: list[dict[str, torch.Tensor]] = []
-    predictions: list[SlicePrediction] = []
-    previous = initial_dice
-    stopped: StopReason = "max_epochs"
-    prediction: SlicePrediction | None = None
-    count = slices.shape[0]
-    train_seconds = eval_seconds = 0.0
     statistics_only = config.learning_rate == 0 and config.batchnorm == "train"
-    min_steps = config.min_statistics_steps if statistics_only else 0
-    steps = 0
     with running(net, execution):
         optimizer = torch.optim.Adam(parameters, lr=config.learning_rate)
         eval_batch = config.eval_batch_size or eval_batch_size(
             slices, config.batch_size, execution, net.config.base_channels
         )
-        for epoch in range(1, config.max_epochs + 1):
-            tick = time.perf_counter()
-            net.train(config.batchnorm == "train")
-            order = torch.randperm(count, generator=generator).to(slices.device)
-            for start in range(0, count, config.batch_size):
-                index = order[start : start + config.batch_size]
-                if index.numel() < 2 and config.batchnorm == "train":
-                    continue  # a single slice gives BatchNorm no batch statistics worth using
-                if config.learning_rate == 0:
-                    _statistics_step(net, execution.layout(slices[index]), execution)
-                else:
-                    _step(net, execution.layout(slices[index]), optimizer, execution)
-                steps += 1
-            tock = time.perf_counter()
-            train_seconds += tock - tick
-            prediction = run_eval(net, slices, execution, eval_batch)
-            dice = foreground_dice(prediction.early, prediction.final, num_classes)
-            eval_seconds += time.perf_counter() - tock
-            trace.append(dice)
-            if keep_states:
-                states.append(mutable_state(net))
-                predictions.append(prediction)
-            if on_epoch is not None:
-                on_epoch(epoch, dice)
-            if abs(dice - previous) < config.stop_delta and steps >= min_steps:
-                stopped = "converged"
-                break
-            previous = dice
+        if statistics_only and config.statistics_average == "cumulative":
+            run = _statistics_path(net, slices, num_classes, config, execution, eval_batch,
+                                   generator, on_epoch, accept)  # fmt: skip
+        else:
+            run = _epochs(net, slices, num_classes, initial_dice, config, execution, eval_batch,
+                          generator, optimizer, on_epoch)  # fmt: skip
         # no stale gradients (in the run's layout) left on the caller's parameters
         optimizer.zero_grad(set_to_none=True)
     net.requires_grad_(False)
     net.eval()
-    assert prediction is not None  # max_epochs >= 1
     return RefinementResult(
-        epochs=len(trace),
-        dice_trace=trace,
-        stopped=stopped,
-        prediction=prediction,
+        epochs=len(run.trace),
+        dice_trace=run.trace,
+        stopped=run.stopped,
+        prediction=run.predictions[-1],
         seconds=time.perf_counter() - started,
-        states=states,
-        predictions=predictions,
-        train_seconds=train_seconds,
-        eval_seconds=eval_seconds,
+        states=run.states if keep_states else [],
+        predictions=run.predictions if keep_states else [],
+        train_seconds=run.train_seconds,
+        eval_seconds=run.eval_seconds,
     )
+
+
+@dataclass
+class _Run:
+    """What a refinement loop gathered: per epoch (or point) the trace, state, prediction."""
+
+    trace: list[float] = field(default_factory=list)
+    states: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    predictions: list[SlicePrediction] = field(default_factory=list)
+    stopped: StopReason = "max_epochs"
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+
+    def add(self, state: dict[str, torch.Tensor], prediction: SlicePrediction, dice: float) -> None:
+        self.trace.append(dice)
+        self.states.append(state)
+        self.predictions.append(prediction)
+
+
+def _epochs(
+    net: SegmentationNet,
+    slices: torch.Tensor,
+    num_classes: int,
+    initial_dice: float,
+    config: RefineConfig,
+    execution: Execution,
+    eval_batch: int,
+    generator: torch.Generator,
+    optimizer: torch.optim.Optimizer,
+    on_epoch: EpochCallback | None,
+) -> _Run:
+    """The epoch loop of the paper (and of the momentum average): steps over shuffled
+    batches, then an eval pass, until Dice(early, final) settles or the epoch cap."""
+    run = _Run()
+    statistics_only = config.learning_rate == 0 and config.batchnorm == "train"
+    min_steps = config.min_statistics_steps if statistics_only else 0
+    previous, steps, count = initial_dice, 0, slices.shape[0]
+    for epoch in range(1, config.max_epochs + 1):
+        tick = time.perf_counter()
+        net.train(config.batchnorm == "train")
+        order = torch.randperm(count, generator=generator).to(slices.device)
+        for start in range(0, count, config.batch_size):
+            index = order[start : start + config.batch_size]
+            if index.numel() < 2 and config.batchnorm == "train":
+                continue  # a single slice gives BatchNorm no batch statistics worth using
+            if config.learning_rate == 0:
+                _statistics_step(net, execution.layout(slices[index]), execution)
+            else:
+                _step(net, execution.layout(slices[index]), optimizer, execution)
+            steps += 1
+        tock = time.perf_counter()
+        run.train_seconds += tock - tick
+        prediction = run_eval(net, slices, execution, eval_batch)
+        dice = foreground_dice(prediction.early, prediction.final, num_classes)
+        run.eval_seconds += time.perf_counter() - tock
+        run.add(mutable_state(net), prediction, dice)
+        if on_epoch is not None:
+            on_epoch(epoch, dice)
+        if abs(dice - previous) < config.stop_delta and steps >= min_steps:
+            run.stopped = "converged"
+            break
+        previous = dice
+    return run
+
+
+def _statistics_path(
+    net: SegmentationNet,
+    slices: torch.Tensor,
+    num_classes: int,
+    config: RefineConfig,
+    execution: Execution,
+    eval_batch: int,
+    generator: torch.Generator,
+    on_epoch: EpochCallback | None,
+    accept: Acceptance | None,
+) -> _Run:
+    """The statistics-only refinement with the cumulative average: ``statistics_passes``
+    passes over the scan in train mode (each a new shuffle) make every BN layer's running
+    statistics the mean of their batch statistics (the scan's own); then each point of
+    ``config.statistics_path`` (the fraction of the way from the starting statistics to the
+    scan's) is set and evaluated, one eval pass each. The stopping rule has nothing to do:
+    the path is fixed, and its last point, the scan's statistics, is what the net holds on
+    return. With ``accept`` the points are evaluated from the last one back, until one is
+    accepted (see ``refine``).
+    """
+    tick = time.perf_counter()
+    start = mutable_state(net)
+    net.train()
+    with _cumulative_average(net):
+        for _ in range(config.statistics_passes):
+            order = torch.randperm(slices.shape[0], generator=generator).to(slices.device)
+            for first in range(0, slices.shape[0], config.batch_size):
+                index = order[first : first + config.batch_size]
+                if index.numel() >= 2:  # a single slice gives BatchNorm no batch statistics
+                    _statistics_step(net, execution.layout(slices[index]), execution)
+    scan = mutable_state(net)
+    net.eval()
+    tock = time.perf_counter()
+    path = config.statistics_path
+    evaluated: list[tuple[dict[str, torch.Tensor], SlicePrediction, float]] = []
+    for weight in path if accept is None else path[::-1]:
+        state = interpolate_statistics(start, scan, weight)
+        _set_buffers(net, state)
+        prediction = run_eval(net, slices, execution, eval_batch)
+        dice = foreground_dice(prediction.early, prediction.final, num_classes)
+        evaluated.append((state, prediction, dice))
+        if on_epoch is not None:  # counts the points evaluated, whichever comes first
+            on_epoch(len(evaluated), dice)
+        if accept is not None and accept(prediction):
+            break
+    if accept is not None:
+        evaluated.reverse()  # path order
+        _set_buffers(net, scan)  # the last point, as without ``accept``
+    run = _Run(stopped="converged", train_seconds=tock - tick)
+    for state, prediction, dice in evaluated:
+        run.add(state, prediction, dice)
+    run.eval_seconds = time.perf_counter() - tock
+    return run
+
+
+def interpolate_statistics(
+    start: dict[str, torch.Tensor], end: dict[str, torch.Tensor], weight: float
+) -> dict[str, torch.Tensor]:
+    """``end`` with every BN running mean and variance ``weight`` of the way from ``start``'s
+    to its own (0: ``start``'s, 1: ``end``'s). Everything else is ``end``'s."""
+    out = dict(end)
+    for key, value in end.items():
+        if is_running_statistic(key) and key in start:
+            mixed = (1 - weight) * start[key].double() + weight * value.double()
+            out[key] = mixed.to(value.dtype)
+    return out
+
+
+def is_running_statistic(key: str) -> bool:
+    """Whether a state-dict key names a BN running mean or variance."""
+    return key.rsplit(".", 1)[-1] in ("running_mean", "running_var")
+
+
+def _set_buffers(net: SegmentationNet, state: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, buffer in net.named_buffers():
+            if name in state:
+                buffer.copy_(state[name])
+
+
+@contextmanager
+def _cumulative_average(net: SegmentationNet) -> Iterator[None]:
+    """Inside, every BN layer's running statistics become the plain mean of the batch
+    statistics of the steps taken (PyTorch's ``momentum=None``, counted from 0, so the first
+    step drops the starting statistics). On exit each layer gets its momentum back and its
+    step count is the one it came in with plus the steps taken, as with the momentum
+    average."""
+    saved: list[tuple[torch.nn.BatchNorm2d, float | None, int]] = []
+    for layer in net.modules():
+        if isinstance(layer, torch.nn.BatchNorm2d) and layer.num_batches_tracked is not None:
+            saved.append((layer, layer.momentum, int(layer.num_batches_tracked)))
+            layer.momentum = None
+            layer.num_batches_tracked.zero_()
+    try:
+        yield
+    finally:
+        for layer, momentum, count in saved:
+            layer.momentum = momentum
+            assert layer.num_batches_tracked is not None
+            layer.num_batches_tracked.add_(count)
 
 
 def _step(

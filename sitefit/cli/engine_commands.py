@@ -198,10 +198,16 @@ def summarize(report: Report) -> str:
     refinement = report.refinement
     if refinement.stopped != "skipped":
         trace = " ".join(f"{d:.3f}" for d in refinement.dice_trace)
-        lines.append(
-            f"refinement: {refinement.epochs} epoch(s), {refinement.stopped}; "
-            f"Dice(early, final) per epoch: {trace}"
-        )
+        if refinement.statistics_average == "cumulative":
+            lines.append(
+                f"refinement: batch-norm statistics, {refinement.epochs} point(s) on the way "
+                f"to the scan's; Dice(early, final) per point: {trace}"
+            )
+        else:
+            lines.append(
+                f"refinement: {refinement.epochs} epoch(s), {refinement.stopped}; "
+                f"Dice(early, final) per epoch: {trace}"
+            )
     if report.guard is not None:
         lines.append(f"guard: {report.guard.verdict} ({report.guard.reason})")
     t = report.timings_s
@@ -224,7 +230,7 @@ def _log(message: str) -> None:
 def _print_progress(progress: Progress) -> None:
     if progress.stage == "adapting" and progress.epoch:
         _log(
-            f"  refinement epoch {progress.epoch}: Dice(early, final) {progress.dice_trace[-1]:.4f}"
+            f"  refinement step {progress.epoch}: Dice(early, final) {progress.dice_trace[-1]:.4f}"
         )
     elif progress.stage not in ("loading", "done"):
         _log(f"  {progress.stage}")

@@ -11,6 +11,7 @@ import torch
 
 from bench.adapt_speed import Settings, fit, fresh_net, run_method
 from bench.reference_loop import ReferenceConfig, dice_numpy, reference_loss, reference_refine
+from sitefit import defaults
 from worker.inference import foreground_dice
 from worker.nets import NetConfig, SegmentationNet, probabilities, soft_cross_entropy
 from worker.weights import to_numpy
@@ -169,7 +170,13 @@ def test_sitefit_run_keeps_the_product_contract() -> None:
     net = fresh_net(tiny.config, to_numpy(tiny), torch.device("cpu"))
     before = copy.deepcopy(net.body.state_dict())
     run = run_method("sitefit", net, _slices(12), 2, Settings(2, 4, -1.0, "auto"))
-    assert run.epochs == 2 and run.final.shape == (12, 32, 32)
+    # the product default: the statistics path's points evaluated stand for epochs
+    assert 1 <= run.epochs <= len(defaults.REFINE_STATISTICS_PATH)
+    assert run.final.shape == (12, 32, 32)
+    momentum = run_method("sitefit", fresh_net(tiny.config, to_numpy(tiny), torch.device("cpu")),
+                          _slices(12), 2, Settings(2, 4, -1.0, "auto",
+                                                   statistics_average="momentum"))  # fmt: skip
+    assert momentum.epochs == 2
     assert {"initial", "train", "evaluate", "guard"} <= set(run.seconds)
     weights = {k: v for k, v in net.body.state_dict().items() if "running" not in k}
     assert all(torch.equal(v, before[k]) for k, v in weights.items() if "num_batches" not in k)

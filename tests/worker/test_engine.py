@@ -54,6 +54,7 @@ def test_adapt_returns_mask_on_input_grid_and_full_report(
     refinement = report["refinement"]
     assert 1 <= refinement["epochs"] <= 3 and len(refinement["dice_trace"]) == refinement["epochs"]
     assert refinement["stopped"] in {"converged", "max_epochs"}
+    assert refinement["learning_rate"] == 0 and refinement["statistics_average"] == "cumulative"
     assert report["per_class"] is None  # binary model
     assert [p.stage for p in stages][:2] == ["loading", "segmenting"]
     assert [p.epoch for p in stages if p.stage == "adapting" and p.epoch] == list(

@@ -11,6 +11,7 @@ from sitefit import defaults
 from worker.guard import (
     GuardConfig,
     StartSignals,
+    acceptance,
     bn_shift,
     decide,
     epoch_signals,
@@ -165,3 +166,16 @@ def test_defaults_are_a_working_guard() -> None:
     config = GuardConfig(True, defaults.GUARD_MAX_VOLUME_CHANGE, defaults.GUARD_MIN_AGREEMENT)
     assert judge(START, [EMPTY], 2, config, [1.0]).kept_epoch is None
     assert judge(START, [SAME], 2, config, [1.0]).kept_epoch == 1
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_acceptance_is_the_per_epoch_half_of_the_decision(enabled: bool) -> None:
+    config = dataclasses.replace(CONFIG, enabled=enabled)
+    epochs = [SAME, SLIGHTLY_MOVED, EMPTY, DOUBLED]
+    accepts = acceptance(START, 2, config)
+    verdict = judge(START, epochs, 2, config, [0.9] * len(epochs))
+    passing = [i for i, p in enumerate(epochs, 1) if accepts(p)]
+    if enabled:
+        assert passing == [1, 2] and verdict.kept_epoch == max(passing)
+    else:
+        assert passing == [1, 2, 3, 4] and verdict.kept_epoch == 4

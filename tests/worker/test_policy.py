@@ -12,7 +12,7 @@ from sitefit.exceptions import InvalidInputError
 from sitefit.settings import Settings
 from tests.conftest import PhantomCase
 from worker.engine import Engine, SegmentRequest
-from worker.refinement import mutable_state
+from worker.refinement import is_running_statistic, mutable_state
 
 GUARD_SIGNALS = {
     "agreement_start_vs_adapted_dice", "volume_change", "entropy_before", "entropy_after",
@@ -229,3 +229,57 @@ def test_invalid_site_name_is_refused(
 ) -> None:
     with pytest.raises(InvalidInputError, match="invalid site name"):
         engine.run(SegmentRequest(shifted_brain_case.image, brain_model, "../etc", "adapt"))
+
+
+def _statistics(engine: Engine, site: str, model: str) -> dict[str, np.ndarray]:
+    """The BN running statistics of ``site``'s latest version."""
+    spec = engine.store.models.spec(model)
+    latest = engine.store.sites.latest(site, model)
+    assert latest is not None
+    delta = engine.store.sites.load(site, latest, spec)
+    return {k: v for k, v in delta.items() if is_running_statistic(k)}
+
+
+def _seed_statistics(engine: Engine, model: str, site: str, scans: int) -> dict[str, np.ndarray]:
+    """Store a version refined on ``scans`` scans whose BN statistics are the base model's,
+    off (means shifted by 0.2 standard deviations, variances by 30%): on the near-source case
+    its Dice(early, final) is near 0, its mean with the scan's well above (0.12-0.18)."""
+    spec = engine.store.models.spec(model)
+    state = mutable_state(engine.base_net(spec))
+    delta = {}
+    for key, value in state.items():
+        if key.endswith("running_mean"):
+            delta[key] = (value + 0.2 * state[key.replace("mean", "var")].sqrt()).numpy()
+        elif key.endswith("running_var"):
+            delta[key] = (value * 1.3).numpy()
+    engine.store.sites.append(site, spec, delta, scans_refined=scans, self_consistency_before=0.5,
+                              self_consistency_after=0.6, refinement_epochs=1)  # fmt: skip
+    return delta
+
+
+@pytest.mark.parametrize("statistics", ["pooled", "latest"])
+def test_adapt_saves_the_site_statistics_pooled_over_its_scans(
+    engine: Engine,
+    consistent_brain_model: str,
+    near_source_brain_case: PhantomCase,
+    statistics: str,
+) -> None:
+    engine.settings = engine.settings.model_copy(update={"site_statistics": statistics})
+    scan = near_source_brain_case.image
+    alone = engine.run(SegmentRequest(scan, consistent_brain_model, "alone", "adapt")).report
+    assert alone.site_weights.saved_scans == 1
+    own = _statistics(engine, "alone", consistent_brain_model)
+    seeded = _seed_statistics(engine, consistent_brain_model, "pool", scans=1)
+    report = engine.run(SegmentRequest(scan, consistent_brain_model, "pool", "adapt")).report
+    saved = report.site_weights
+    assert saved.saved_version == 2 and saved.saved_scans == 2, report.site_weights
+    assert saved.self_consistency_on_scan is not None and saved.self_consistency_saved is not None
+    assert saved.self_consistency_saved > saved.self_consistency_on_scan  # the save rule
+    for key, value in _statistics(engine, "pool", consistent_brain_model).items():
+        expected = (seeded[key] + own[key]) / 2 if statistics == "pooled" else own[key]
+        np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-7, err_msg=key)
+    # this scan's output is refined on the scan alone, whatever the site version pools
+    assert report.self_consistency.after == alone.self_consistency.after
+    assert (saved.self_consistency_saved == alone.site_weights.self_consistency_saved) is (
+        statistics == "latest"
+    )

@@ -1,11 +1,12 @@
 """Refinement invariants (paper §2.2): what changes, what must not, and the teacher."""
 
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 import torch
 
-from worker.inference import foreground_dice, predict
+from worker.inference import SlicePrediction, foreground_dice, predict
 from worker.nets import NetConfig, SegmentationNet
 from worker.refinement import RefineConfig, refine, snapshot
 
@@ -62,14 +63,18 @@ def test_train_batchnorm_moves_running_statistics_past_the_init_path() -> None:
     assert not torch.equal(net.body.down[0].bn.running_mean, mean)
 
 
-def test_learning_rate_zero_moves_only_batchnorm_statistics() -> None:
+@pytest.mark.parametrize(("average", "epochs"), [("cumulative", 3), ("momentum", 2)])
+def test_learning_rate_zero_moves_only_batchnorm_statistics(average: str, epochs: int) -> None:
     """The statistics-only variant: every parameter bitwise, every BN layer's statistics move."""
     net, slices = _net(), _slices()
     parameters = {name: p.detach().clone() for name, p in net.named_parameters()}
     means = {n: b.clone() for n, b in net.named_buffers() if n.endswith("running_mean")}
-    config = RefineConfig(max_epochs=2, batch_size=4, learning_rate=0.0, stop_delta=-1.0)
+    config = RefineConfig(
+        max_epochs=2, batch_size=4, learning_rate=0.0, stop_delta=-1.0,
+        statistics_average=average, statistics_path=(0.25, 0.5, 1.0),  # type: ignore[arg-type]
+    )  # fmt: skip
     result = refine(net, slices, 2, 0.0, config)
-    assert result.epochs == 2
+    assert result.epochs == epochs
     for name, parameter in net.named_parameters():
         assert torch.equal(parameter, parameters[name]), name
     for name, buffer in net.named_buffers():
@@ -115,18 +120,124 @@ def test_statistics_only_waits_for_its_minimum_steps(min_steps: int, epochs: int
     initial = foreground_dice(*_heads(net, slices), 2)
     config = RefineConfig(
         max_epochs=50, learning_rate=0.0, batch_size=4, stop_delta=1.0,
-        min_statistics_steps=min_steps,
+        statistics_average="momentum", min_statistics_steps=min_steps,
     )  # fmt: skip
     result = refine(net, slices, 2, initial, config)
     assert result.stopped == "converged" and result.epochs == epochs
+
+
+def test_the_cumulative_average_evaluates_its_whole_path() -> None:
+    net, slices = _net(), _slices()
+    initial = foreground_dice(*_heads(net, slices), 2)
+    points: list[int] = []
+    config = RefineConfig(
+        max_epochs=1, learning_rate=0.0, batch_size=4, stop_delta=1.0, min_statistics_steps=10,
+        statistics_path=(0.25, 0.5, 1.0),
+    )  # fmt: skip
+    assert config.statistics_average == "cumulative"
+    result = refine(net, slices, 2, initial, config, lambda point, _: points.append(point))
+    # neither the stopping rule, nor the minimum of steps, nor the epoch cap cuts it short
+    assert result.epochs == 3 and points == [1, 2, 3] and result.stopped == "converged"
+
+
+@pytest.mark.parametrize("path", [(), (0.5,), (1.0, 0.5), (0.0, 1.0), (0.5, 0.5, 1.0)])
+def test_a_statistics_path_rises_to_the_scans_statistics(path: tuple[float, ...]) -> None:
+    with pytest.raises(ValueError, match="statistics_path"):
+        RefineConfig(statistics_path=path)
+    with pytest.raises(ValueError, match="statistics_passes"):
+        RefineConfig(statistics_passes=0)
+
+
+def _batch_statistics(
+    net: SegmentationNet, batches: list[torch.Tensor]
+) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Each BN layer's input mean and unbiased variance per channel, per batch, in train mode."""
+    seen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    hooks = []
+    for name, layer in net.named_modules():
+        if isinstance(layer, torch.nn.BatchNorm2d):
+
+            def record(_: torch.nn.Module, args: tuple[torch.Tensor], key: str = name) -> None:
+                x = args[0].transpose(0, 1).flatten(1)
+                seen.setdefault(key, []).append((x.mean(1), x.var(1, unbiased=True)))
+
+            hooks.append(layer.register_forward_pre_hook(record))
+    net.train()
+    with torch.no_grad():
+        for batch in batches:
+            net(batch)
+    for hook in hooks:
+        hook.remove()
+    return seen
+
+
+def test_cumulative_statistics_are_the_mean_of_every_passes_batch_statistics() -> None:
+    net, slices = _net(), _slices()
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+    counts = {n: int(m.num_batches_tracked) for n, m in net.named_modules()
+              if isinstance(m, torch.nn.BatchNorm2d)}  # fmt: skip
+    config = RefineConfig(
+        learning_rate=0.0, batch_size=4, precision="fp32", statistics_path=(0.5, 1.0),
+        statistics_passes=2,
+    )  # fmt: skip
+    result = refine(net, slices, 2, 0.0, config, keep_states=True)
+    # the same shuffles as refine's: its generator, seeded with config.seed
+    generator = torch.Generator().manual_seed(config.seed)
+    orders = [torch.randperm(12, generator=generator) for _ in range(2)]
+    batches = [slices[order[i : i + 4]] for order in orders for i in range(0, 12, 4)]
+    expected = _batch_statistics(_net(), batches)
+    halfway = result.states[0]
+    for name, layer in net.named_modules():
+        if isinstance(layer, torch.nn.BatchNorm2d):
+            means, variances = (torch.stack(v).mean(0) for v in zip(*expected[name], strict=True))
+            assert layer.running_mean is not None and layer.running_var is not None
+            torch.testing.assert_close(layer.running_mean, means)
+            torch.testing.assert_close(layer.running_var, variances)
+            torch.testing.assert_close(
+                halfway[f"{name}.running_mean"], (start[f"{name}.running_mean"] + means) / 2
+            )
+            torch.testing.assert_close(
+                halfway[f"{name}.running_var"], (start[f"{name}.running_var"] + variances) / 2
+            )
+            assert layer.momentum == 0.1  # given back
+            assert int(layer.num_batches_tracked) == counts[name] + 6
+    # each point's prediction is that of its statistics
+    reference = _net()
+    reference.load_state_dict({**start, **halfway})
+    torch.testing.assert_close(
+        predict(reference, slices, 4, precision="fp32").final, result.predictions[0].final
+    )
+
+
+def test_the_momentum_average_keeps_part_of_the_source_statistics() -> None:
+    source, slices = _net(), _slices()
+    config = RefineConfig(max_epochs=1, learning_rate=0.0, batch_size=4, stop_delta=-1.0)
+    cumulative, momentum = _net(), _net()
+    refine(cumulative, slices, 2, 0.0, config)
+    refine(momentum, slices, 2, 0.0, replace(config, statistics_average="momentum"))
+
+    def first_mean(net: SegmentationNet) -> torch.Tensor:
+        layer = next(m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        assert layer.running_mean is not None
+        return layer.running_mean
+
+    start = first_mean(source)
+    moved = {
+        "cumulative": first_mean(cumulative) - start,
+        "momentum": first_mean(momentum) - start,
+    }
+    # three steps at momentum 0.1 move the average about 1 - 0.9**3 = 27% of the way
+    ratio = moved["momentum"].norm() / moved["cumulative"].norm()
+    assert 0.15 < float(ratio) < 0.4
 
 
 def test_minimum_statistics_steps_leave_the_epoch_cap_and_the_self_training_alone() -> None:
     net, slices = _net(), _slices()
     initial = foreground_dice(*_heads(net, slices), 2)
     capped = RefineConfig(
-        max_epochs=2, learning_rate=0.0, batch_size=4, stop_delta=1.0, min_statistics_steps=100
-    )
+        max_epochs=2, learning_rate=0.0, batch_size=4, stop_delta=1.0,
+        statistics_average="momentum", min_statistics_steps=100,
+    )  # fmt: skip
     assert refine(net, slices, 2, initial, capped).epochs == 2
     trained = RefineConfig(max_epochs=50, batch_size=4, stop_delta=1.0, min_statistics_steps=100)
     assert refine(_net(), slices, 2, initial, trained).epochs == 1
@@ -304,3 +415,33 @@ def test_init_path_runs_once_per_step_and_once_per_eval_batch(precision: str) ->
     assert calls["train"] == 2 * 3  # 12 slices in batches of 4: 3 steps per epoch
     assert calls["eval"] == 2 * 2  # one eval pass per epoch, batches of 6
     assert calls["teacher_grad"] == 0
+
+
+@pytest.mark.parametrize(("accepted", "evaluated"), [({3}, [3]), ({2}, [2, 3]), (set(), [1, 2, 3])])
+def test_an_acceptance_walks_the_path_back_and_stops_where_it_accepts(
+    accepted: set[int], evaluated: list[int]
+) -> None:
+    """From the scan's statistics back towards the start, up to the first accepted point: the
+    points it evaluates are the eager path's, bitwise, so the guard keeps the same one."""
+    slices = _slices()
+    config = RefineConfig(learning_rate=0.0, batch_size=4, statistics_path=(0.25, 0.5, 1.0))
+    eager = refine(_net(), slices, 2, 0.0, config, keep_states=True)
+    calls: list[SlicePrediction] = []
+
+    def accept(prediction: SlicePrediction) -> bool:
+        calls.append(prediction)
+        return 3 - len(calls) + 1 in accepted  # the points come last first: 3, 2, 1
+
+    net = _net()
+    lazy = refine(net, slices, 2, 0.0, config, keep_states=True, accept=accept)
+    assert len(calls) == len(evaluated)
+    assert lazy.epochs == len(evaluated)
+    assert lazy.dice_trace == [eager.dice_trace[i - 1] for i in evaluated]
+    for state, prediction, i in zip(lazy.states, lazy.predictions, evaluated, strict=True):
+        for key, value in state.items():
+            torch.testing.assert_close(value, eager.states[i - 1][key], rtol=0, atol=0)
+        assert torch.equal(prediction.final, eager.predictions[i - 1].final)
+        assert prediction.mean_entropy == eager.predictions[i - 1].mean_entropy
+    # the net ends at the scan's statistics either way
+    for name, buffer in net.named_buffers():
+        torch.testing.assert_close(buffer, eager.states[-1][name], rtol=0, atol=0)

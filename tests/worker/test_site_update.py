@@ -1,0 +1,51 @@
+"""What a refinement saves for a site: pooled batch-norm statistics, deltas against the base."""
+
+import numpy as np
+import pytest
+import torch
+
+from worker.nets import NetConfig, SegmentationNet
+from worker.refinement import is_running_statistic, mutable_state
+from worker.site_update import pooled_state, site_delta
+
+
+def _state(offset: float) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    state = mutable_state(SegmentationNet(NetConfig(num_outputs=1, base_channels=4)))
+    return {k: v + offset if v.is_floating_point() else v for k, v in state.items()}
+
+
+def test_running_statistics_are_the_batch_norm_means_and_variances() -> None:
+    keys = {k for k in _state(0.0) if is_running_statistic(k)}
+    assert keys and all(k.endswith(("running_mean", "running_var")) for k in keys)
+    assert not is_running_statistic("init_path.0.bn1.num_batches_tracked")
+    assert not is_running_statistic("init_path.0.bn1.weight")
+
+
+@pytest.mark.parametrize("site_scans", [0, 1, 3])
+def test_pooling_weighs_every_scan_the_same(site_scans: int) -> None:
+    site, scan = _state(1.0), _state(5.0)
+    pooled = pooled_state(site, scan, site_scans)
+    assert pooled.keys() == scan.keys()
+    for key, value in pooled.items():
+        if is_running_statistic(key):
+            expected = (site_scans * site[key] + scan[key]) / (site_scans + 1)
+            torch.testing.assert_close(value, expected)
+        else:  # weights (the init path's, refined or not) and step counts: this scan's
+            assert value is scan[key]
+
+
+def test_pooling_refuses_a_negative_count() -> None:
+    with pytest.raises(ValueError, match=">= 0"):
+        pooled_state(_state(0.0), _state(1.0), -1)
+
+
+def test_a_delta_holds_only_what_differs_from_the_base() -> None:
+    state = _state(0.0)
+    base = {k: v.numpy().copy() for k, v in state.items()}
+    assert site_delta(state, base) == {}
+    changed = next(k for k in state if is_running_statistic(k))
+    state[changed] = state[changed] + 1
+    delta = site_delta(state, base)
+    assert list(delta) == [changed]
+    np.testing.assert_array_equal(delta[changed], base[changed] + 1)
