@@ -163,7 +163,7 @@ def refine(
                                    generator, on_epoch, accept)  # fmt: skip
         else:
             run = _epochs(net, slices, num_classes, initial_dice, config, execution, eval_batch,
-                          generator, optimizer, on_epoch)  # fmt: skip
+                          generator, optimizer, on_epoch, keep_states)  # fmt: skip
         # no stale gradients (in the run's layout) left on the caller's parameters
         optimizer.zero_grad(set_to_none=True)
     net.requires_grad_(False)
@@ -209,6 +209,7 @@ def _epochs(
     generator: torch.Generator,
     optimizer: torch.optim.Optimizer,
     on_epoch: EpochCallback | None,
+    keep_states: bool,
 ) -> _Run:
     """The epoch loop of the paper (and of the momentum average): steps over shuffled
     batches, then an eval pass, until Dice(early, final) settles or the epoch cap."""
@@ -234,7 +235,7 @@ def _epochs(
         prediction = run_eval(net, slices, execution, eval_batch)
         dice = foreground_dice(prediction.early, prediction.final, num_classes)
         run.eval_seconds += time.perf_counter() - tock
-        run.add(mutable_state(net), prediction, dice)
+        run.add(mutable_state(net) if keep_states else {}, prediction, dice)
         if on_epoch is not None:
             on_epoch(epoch, dice)
         if abs(dice - previous) < config.stop_delta and steps >= min_steps:
