@@ -78,6 +78,11 @@ REFINE_STATISTICS_PASSES = 2
 # batch-norm statistics pool those of every scan the site was refined on ("pooled"), as
 # refining once on all of them would, rather than the last scan's alone ("latest").
 SITE_STATISTICS: Final = "pooled"
+# ... in which the base model's statistics weigh as many scans as this: one scan's statistics
+# fit that scan (its bias field, its anatomy) and serve the site's later scans worse than a
+# version part of the way there (docs/method.md, "Site statistics": chosen on seed-2000 scans,
+# reported on the benchmark's seed-1000 ones).
+SITE_STATISTICS_PRIOR = 1 / 3
 AUTO_THRESHOLD = 0.9
 AUTO_MARGIN = 0.02
 MODEL_CACHE_BYTES = 2 * 1024**3

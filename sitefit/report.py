@@ -52,6 +52,8 @@ class Timings(BaseModel):
     adapt: float = 0.0
     segment: float = 0.0
     metrics: float = 0.0
+    # loading a reference mask and comparing with it (0 without one): QA work, not the job's
+    reference: float = 0.0
     total: float = 0.0
 
 

@@ -84,6 +84,14 @@ class Settings(BaseSettings):
         "the mean over every scan the site was refined on (each scan weighs the same); "
         "'latest': those of the scan it was last refined on",
     )
+    site_statistics_prior: float = Field(
+        default=defaults.SITE_STATISTICS_PRIOR,
+        ge=0,
+        le=100,
+        description="with refine_lr 0: how many scans the base model's batch-norm statistics "
+        "weigh in a site version's pool (0: the scans' alone); a version refined on one scan "
+        "holds statistics 1 / (1 + prior) of the way from the base model's to the scan's",
+    )
     model_cache_bytes: int = Field(
         default=defaults.MODEL_CACHE_BYTES, ge=0, description="warm site-model cache budget"
     )

@@ -20,9 +20,8 @@ Site policy for a scan of site S (``Report.mode_used`` and ``mode_reason`` say w
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -34,12 +33,12 @@ from model_store import ModelStore
 from model_store.sites import SiteVersion, check_site
 from model_store.spec import ModelSpec
 from sitefit.exceptions import ModelStoreError
-from sitefit.report import Mode, ModelIdentity, Report, SiteWeights, Timings
+from sitefit.report import Mode, ModelIdentity, Report, SiteWeights
 from sitefit.settings import Settings
 from sitefit.volume import load_label_map, load_scan, mask_to_image
 from worker.cache import CacheKey, ModelCache
 from worker.device import describe, resolve_device
-from worker.figures import LabelVolumes, compute_figures
+from worker.figures import LabelVolumes, add_reference, compute_figures
 from worker.guard import (
     GuardConfig,
     Verdict,
@@ -51,10 +50,18 @@ from worker.guard import (
 )
 from worker.inference import SlicePrediction, foreground_dice, predict
 from worker.nets import SegmentationNet
+from worker.policy import auto_fast_path
 from worker.preprocess import PreparedScan, prepare_scan
-from worker.refinement import RefineConfig, RefinementResult, mutable_state, refine
+from worker.refinement import (
+    RefineConfig,
+    RefinementResult,
+    is_running_statistic,
+    mutable_state,
+    refine,
+)
 from worker.report_blocks import guard_block, refinement_block, rounded
-from worker.site_update import pooled_state, site_delta
+from worker.site_update import site_delta, version_statistics
+from worker.stopwatch import Stopwatch
 from worker.weights import build_net, load_numpy
 
 
@@ -102,22 +109,6 @@ class _Outcome:
     site_saved_consistency: float | None = None  # the saved version's, on this scan
 
 
-@dataclass
-class _Stopwatch:
-    timings: dict[str, float] = field(default_factory=dict)
-    started: float = field(default_factory=time.perf_counter)
-    _last: float = field(default_factory=time.perf_counter)
-
-    def lap(self, stage: str) -> None:
-        now = time.perf_counter()
-        self.timings[stage] = self.timings.get(stage, 0.0) + now - self._last
-        self._last = now
-
-    def report(self) -> Timings:
-        rounded = {k: round(v, 4) for k, v in self.timings.items()}
-        return Timings(**rounded, total=round(time.perf_counter() - self.started, 4))
-
-
 class Engine:
     """Runs segmentation jobs on one device; reuse one instance for many jobs (one thread)."""
 
@@ -163,13 +154,15 @@ class Engine:
         self, request: SegmentRequest, progress: ProgressCallback | None = None
     ) -> SegmentResult:
         notify = progress or (lambda _: None)
-        clock = _Stopwatch()
+        clock = Stopwatch()
         notify(Progress("loading"))
         if request.site is not None:
             check_site(request.site)
         spec = self.store.models.spec(request.model)
         scan = load_scan(request.scan, self.settings.max_voxels)
+        clock.lap("load")
         reference = load_label_map(request.reference, like=scan) if request.reference else None
+        clock.lap("reference")
         prepared = prepare_scan(scan, spec.slice_axis, self.device)
         base_net = self.base_net(spec)
         warnings: list[str] = []
@@ -193,12 +186,15 @@ class Engine:
         if reference is not None and outcome.refinement is not None:
             last = outcome.refinement.prediction
             last_epoch = final_after if last is outcome.after else prepared.volume(last.final)
-        figures = compute_figures(
-            LabelVolumes(early_before, final_before, early_after, final_after, last_epoch),
-            spec.classes, scan.spacing_mm, self.settings.tolerance_mm, reference,
-        )  # fmt: skip
+        volumes = LabelVolumes(early_before, final_before, early_after, final_after, last_epoch)
+        tolerance = self.settings.tolerance_mm
+        figures = compute_figures(volumes, spec.classes, scan.spacing_mm, tolerance)
         mask = mask_to_image(final_after, scan.source)
         clock.lap("metrics")
+        if reference is not None:
+            figures = add_reference(figures, volumes, spec.classes, scan.spacing_mm, tolerance,
+                                    reference)  # fmt: skip
+            clock.lap("reference")
         report = Report(
             model=ModelIdentity(name=spec.name, version=spec.version, sha256=spec.sha256),
             site=request.site,
@@ -280,7 +276,8 @@ class Engine:
                             site_consistency=consistency)  # fmt: skip
         reason = "one-shot refinement on this scan"
         if site and candidate and consistency is not None:
-            fast, why = self._auto_fast_path(consistency, site.version)
+            fast, why = auto_fast_path(consistency, site.version, self.settings.auto_threshold,
+                                       self.settings.auto_margin)  # fmt: skip
             if request.mode == "auto" and fast:
                 return _Outcome("cached", f"{where} v{site.version.version} used as is: {why}",
                                 candidate, site_used=site.version,
@@ -294,24 +291,6 @@ class Engine:
                                notify)  # fmt: skip
         outcome.site_consistency = consistency
         return outcome
-
-    def _auto_fast_path(self, consistency: float, version: SiteVersion) -> tuple[bool, str]:
-        """Whether ``auto`` uses site weights as they are, and why (for ``mode_reason``)."""
-        threshold, margin = self.settings.auto_threshold, self.settings.auto_margin
-        reached = version.self_consistency_after
-        if consistency >= threshold:
-            return True, f"self-consistency {consistency:.3f} on this scan >= {threshold}"
-        if margin is not None and reached is not None and consistency >= reached - margin:
-            return True, (
-                f"self-consistency {consistency:.3f} on this scan is within {margin} of the "
-                f"{reached:.3f} they reached when refined"
-            )
-        within = (
-            f" and below {reached:.3f} - {margin}"
-            if margin is not None and reached is not None
-            else ""
-        )
-        return False, f"their self-consistency {consistency:.3f} < {threshold}{within}"
 
     def _refine(
         self,
@@ -357,8 +336,8 @@ class Engine:
         after = result.predictions[kept - 1]
         outcome = _Outcome("adapt", reason, after, result, verdict, site_used=used)
         if request.site is not None:
-            self._save_site(request.site, spec, prepared, net, used, start_state, start_consistency,
-                            after, kept, outcome)  # fmt: skip
+            self._save_site(request.site, spec, prepared, net, used, start_state, result.states[-1],
+                            start_consistency, after, kept, outcome)  # fmt: skip
         return outcome
 
     def _save_site(
@@ -369,6 +348,7 @@ class Engine:
         net: SegmentationNet,
         started_from: SiteVersion | None,
         start_state: dict[str, torch.Tensor],
+        scan_state: dict[str, torch.Tensor],
         start_consistency: float,
         after: SlicePrediction,
         epochs: int,
@@ -377,24 +357,24 @@ class Engine:
         """Save the site's next version (what differs from the base model) when its
         self-consistency on this scan beats that of the weights the refinement started from.
 
-        With the statistics-only refinement and ``Settings.site_statistics`` "pooled", the
-        version holds the batch-norm statistics pooled over the site's scans
-        (:mod:`worker.site_update`), judged by one more pass over this scan; ``net``, this
-        scan's output, keeps the scan's own.
+        With the statistics-only refinement the version's batch-norm statistics pool the
+        scan's own (``scan_state``, the refinement's last point) with the base model's and,
+        with ``Settings.site_statistics`` "pooled", the site's earlier scans'
+        (:mod:`worker.site_update`); they are judged by one more pass over this scan unless
+        they are the output's. ``net``, this scan's output, keeps what the guard chose.
         """
         classes = len(spec.classes)
         scans = (started_from.scans_refined if started_from else 0) + 1
-        pooled = (
-            started_from is not None
-            and self.settings.refine_lr == 0
-            and self.settings.site_statistics == "pooled"
-        )
-        if pooled:
-            assert started_from is not None
-            state = pooled_state(start_state, mutable_state(net), started_from.scans_refined)
-            net = copy.deepcopy(net)
-            load_numpy(net, {k: v.cpu().numpy() for k, v in state.items()}, strict=False)
-            after = predict(net, prepared.slices, self.settings.refine_batch_size)
+        if self.settings.refine_lr == 0:
+            kept = mutable_state(net)
+            state = version_statistics(
+                self._base_statistics(spec, scan_state), start_state, scan_state, scans - 1,
+                self.settings.site_statistics_prior, self.settings.site_statistics,
+            )  # fmt: skip
+            if any(not torch.equal(state[k], kept[k]) for k in state):
+                net = copy.deepcopy(net)
+                load_numpy(net, {k: v.cpu().numpy() for k, v in state.items()}, strict=False)
+                after = predict(net, prepared.slices, self.settings.refine_batch_size)
         consistency = foreground_dice(after.early, after.final, classes)
         if consistency <= start_consistency:
             return
@@ -408,3 +388,14 @@ class Engine:
         )  # fmt: skip
         outcome.site_saved, outcome.site_saved_consistency = saved, consistency
         self.site_models.put(CacheKey(site, spec.name, saved.version, spec.sha256), net)
+
+    def _base_statistics(
+        self, spec: ModelSpec, like: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The base model's BN running statistics, on the device of ``like``'s tensors."""
+        base = self._base_tensors[spec.sha256]
+        return {
+            key: torch.from_numpy(base[key]).to(value.device)
+            for key, value in like.items()
+            if is_running_statistic(key)
+        }

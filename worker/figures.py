@@ -5,8 +5,8 @@ All figures are 3D, at the scan's voxel spacing, on canonical-orientation label 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -38,49 +38,98 @@ def compute_figures(
     classes: Mapping[int, str],
     spacing_mm: tuple[float, float, float],
     tolerance_mm: float,
-    reference: np.ndarray | None,
 ) -> Figures:
-    foreground = {k: v for k, v in classes.items() if k != 0}
-
-    def per_class(pred: np.ndarray, ref: np.ndarray) -> dict[str, OverlapFigures]:
-        return overlap_per_class(pred, ref, foreground, spacing_mm, tolerance_mm)
-
+    """The label-free figures: self-consistency before and after, base-vs-adapted agreement."""
+    foreground = _foreground(classes)
+    per_class = _overlap(foreground, spacing_mm, tolerance_mm)
     sc_before = per_class(volumes.early_before, volumes.final_before)
-    same = (
-        volumes.final_after is volumes.final_before and volumes.early_after is volumes.early_before
-    )
-    sc_after = sc_before if same else per_class(volumes.early_after, volumes.final_after)
+    unchanged = _unchanged(volumes)
+    sc_after = sc_before if unchanged else per_class(volumes.early_after, volumes.final_after)
     agreement = per_class(volumes.final_after, volumes.final_before)
-    ref_before = ref_after = ref_last = None
-    if reference is not None:
-        ref_before = per_class(volumes.final_before, reference)
-        ref_after = ref_before if same else per_class(volumes.final_after, reference)
-        last = volumes.final_last_epoch
-        if last is not None:
-            ref_last = ref_after if last is volumes.final_after else per_class(last, reference)
-
-    by_class: dict[str, ClassFigures] = {}
-    for name in foreground.values():
-        by_class[name] = ClassFigures(
+    by_class = {
+        name: ClassFigures(
             self_consistency=BeforeAfter(
                 before=Overlap(**sc_before[name]), after=Overlap(**sc_after[name])
             ),
             agreement_base_vs_adapted=Overlap(**agreement[name]),
-            reference=None
-            if ref_before is None or ref_after is None
-            else BeforeAfter(before=Overlap(**ref_before[name]), after=Overlap(**ref_after[name])),
+            reference=None,
         )
+        for name in foreground.values()
+    }
     return Figures(
         self_consistency=BeforeAfter(before=mean_overlap(sc_before), after=mean_overlap(sc_after)),
         agreement_base_vs_adapted=mean_overlap(agreement),
-        reference=None
-        if ref_before is None or ref_after is None
-        else ReferenceFigures(
+        reference=None,
+        per_class=by_class if len(foreground) > 1 else None,
+    )
+
+
+def add_reference(
+    figures: Figures,
+    volumes: LabelVolumes,
+    classes: Mapping[int, str],
+    spacing_mm: tuple[float, float, float],
+    tolerance_mm: float,
+    reference: np.ndarray,
+) -> Figures:
+    """``figures`` with the comparison against a reference mask (before, after and, when a
+    refinement ran, its last epoch). Kept apart so that its cost is timed apart: it is QA
+    work the product does only when a reference is sent."""
+    foreground = _foreground(classes)
+    ref_before = overlap_per_class(
+        volumes.final_before, reference, foreground, spacing_mm, tolerance_mm
+    )
+    ref_after = (
+        ref_before
+        if _unchanged(volumes)
+        else overlap_per_class(volumes.final_after, reference, foreground, spacing_mm, tolerance_mm)
+    )
+    last, ref_last = volumes.final_last_epoch, None
+    if last is not None:
+        ref_last = (
+            ref_after
+            if last is volumes.final_after
+            else overlap_per_class(last, reference, foreground, spacing_mm, tolerance_mm)
+        )
+    per_class = None
+    if figures.per_class is not None:
+        per_class = {
+            name: entry.model_copy(
+                update={
+                    "reference": BeforeAfter(
+                        before=Overlap(**ref_before[name]), after=Overlap(**ref_after[name])
+                    )
+                }
+            )
+            for name, entry in figures.per_class.items()
+        }
+    return replace(
+        figures,
+        reference=ReferenceFigures(
             before=mean_overlap(ref_before),
             after=mean_overlap(ref_after),
             last_epoch=None if ref_last is None else mean_overlap(ref_last),
         ),
-        per_class=by_class if len(foreground) > 1 else None,
+        per_class=per_class,
+    )
+
+
+def _foreground(classes: Mapping[int, str]) -> dict[int, str]:
+    return {k: v for k, v in classes.items() if k != 0}
+
+
+def _overlap(
+    foreground: dict[int, str], spacing_mm: tuple[float, float, float], tolerance_mm: float
+) -> Callable[[np.ndarray, np.ndarray], dict[str, OverlapFigures]]:
+    def per_class(pred: np.ndarray, ref: np.ndarray) -> dict[str, OverlapFigures]:
+        return overlap_per_class(pred, ref, foreground, spacing_mm, tolerance_mm)
+
+    return per_class
+
+
+def _unchanged(volumes: LabelVolumes) -> bool:
+    return (
+        volumes.final_after is volumes.final_before and volumes.early_after is volumes.early_before
     )
 
 

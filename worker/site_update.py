@@ -8,6 +8,15 @@ hold the site's statistics, not one scan's. ``pooled_state`` keeps a running mea
 scans a site was refined on, each scan weighing the same: the version refined on n scans,
 refined again on one more, saves (n * site + scan) / (n + 1). That is what refining once on
 all n + 1 scans together (the paper's Table 1 and 3 setting) estimates.
+
+One scan's statistics are also a noisy estimate of the site's, and a version is used on
+scans it has not seen: ``version_statistics`` counts the base model's statistics as
+``prior_scans`` scans of the pool (``Settings.site_statistics_prior``), so a version refined
+on n scans holds (prior * base + sum of the scans) / (prior + n): the further from the source
+a site's scans agree to be, the more scans it takes to move all the way. Each scan enters
+with its own statistics (the refinement's last point), not the guard's choice for its output.
+The prior was chosen on scans the benchmark does not report (docs/method.md, "Site
+statistics").
 """
 
 from __future__ import annotations
@@ -15,17 +24,37 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from sitefit.settings import SiteStatistics
 from worker.refinement import interpolate_statistics
 
 
 def pooled_state(
-    site: dict[str, torch.Tensor], scan: dict[str, torch.Tensor], site_scans: int
+    site: dict[str, torch.Tensor], scan: dict[str, torch.Tensor], site_scans: float
 ) -> dict[str, torch.Tensor]:
     """``scan`` with every BN running statistic replaced by its mean with ``site``'s, the
     site's weighing ``site_scans`` scans and this scan one. Everything else is ``scan``'s."""
     if site_scans < 0:
         raise ValueError(f"site_scans must be >= 0, not {site_scans}")
     return interpolate_statistics(site, scan, 1 / (site_scans + 1))
+
+
+def version_statistics(
+    base: dict[str, torch.Tensor],
+    start: dict[str, torch.Tensor],
+    scan: dict[str, torch.Tensor],
+    start_scans: int,
+    prior_scans: float,
+    policy: SiteStatistics,
+) -> dict[str, torch.Tensor]:
+    """What a site version refined on one more scan holds: ``scan`` (what the refinement
+    changed, the scan's own statistics) with every BN running statistic pooled with the
+    base model's (``base``, weighing ``prior_scans`` scans) and, with ``policy`` "pooled",
+    with those of the version it started from (``start``, refined on ``start_scans``)."""
+    if prior_scans < 0:
+        raise ValueError(f"prior_scans must be >= 0, not {prior_scans}")
+    if policy == "pooled" and start_scans > 0:
+        return pooled_state(start, scan, start_scans + prior_scans)
+    return pooled_state(base, scan, prior_scans)
 
 
 def site_delta(

@@ -46,7 +46,10 @@ def test_adapt_returns_mask_on_input_grid_and_full_report(
 
     report = result.report.model_dump(mode="json")
     assert set(report) >= REPORT_KEYS
-    assert set(report["timings_s"]) == {"load", "adapt", "segment", "metrics", "total"}
+    timings = report["timings_s"]
+    assert set(timings) == {"load", "adapt", "segment", "metrics", "reference", "total"}
+    assert timings["reference"] > 0  # the reference was loaded and compared with, timed apart
+    assert sum(v for k, v in timings.items() if k != "total") <= timings["total"] + 1e-3
     assert set(report["self_consistency"]) == {"before", "after"}
     assert set(report["self_consistency"]["before"]) == {"surface_dice", "dice"}
     assert report["reference"]["after"]["surface_dice"] is not None
@@ -71,6 +74,7 @@ def test_none_mode_skips_refinement(
     assert report.self_consistency.before == report.self_consistency.after
     assert report.agreement_base_vs_adapted.dice in (1.0, None)
     assert report.reference is None
+    assert report.timings_s.reference == 0
 
 
 def test_base_segmentation_is_deterministic(

@@ -1,5 +1,6 @@
 """Site policy (auto|adapt|cached|none) and the guard, through the real engine and store."""
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -8,10 +9,12 @@ import torch
 
 from model_store import ModelStore
 from model_store.backend import FilesystemBackend
+from model_store.sites import SiteVersion
 from sitefit.exceptions import InvalidInputError
 from sitefit.settings import Settings
 from tests.conftest import PhantomCase
 from worker.engine import Engine, SegmentRequest
+from worker.policy import auto_fast_path
 from worker.refinement import is_running_statistic, mutable_state
 
 GUARD_SIGNALS = {
@@ -240,6 +243,11 @@ def _statistics(engine: Engine, site: str, model: str) -> dict[str, np.ndarray]:
     return {k: v for k, v in delta.items() if is_running_statistic(k)}
 
 
+def _base_statistics(engine: Engine, model: str) -> dict[str, np.ndarray]:
+    state = mutable_state(engine.base_net(engine.store.models.spec(model)))
+    return {k: v.numpy() for k, v in state.items() if is_running_statistic(k)}
+
+
 def _seed_statistics(engine: Engine, model: str, site: str, scans: int) -> dict[str, np.ndarray]:
     """Store a version refined on ``scans`` scans whose BN statistics are the base model's,
     off (means shifted by 0.2 standard deviations, variances by 30%): on the near-source case
@@ -265,10 +273,15 @@ def test_adapt_saves_the_site_statistics_pooled_over_its_scans(
     statistics: str,
 ) -> None:
     engine.settings = engine.settings.model_copy(update={"site_statistics": statistics})
+    prior = engine.settings.site_statistics_prior
+    assert prior > 0
     scan = near_source_brain_case.image
     alone = engine.run(SegmentRequest(scan, consistent_brain_model, "alone", "adapt")).report
     assert alone.site_weights.saved_scans == 1
-    own = _statistics(engine, "alone", consistent_brain_model)
+    # a 1-scan version holds (prior * base + scan) / (prior + 1): the scan's own statistics
+    base = _base_statistics(engine, consistent_brain_model)
+    own = {k: (1 + prior) * v - prior * base[k]
+           for k, v in _statistics(engine, "alone", consistent_brain_model).items()}  # fmt: skip
     seeded = _seed_statistics(engine, consistent_brain_model, "pool", scans=1)
     report = engine.run(SegmentRequest(scan, consistent_brain_model, "pool", "adapt")).report
     saved = report.site_weights
@@ -276,10 +289,37 @@ def test_adapt_saves_the_site_statistics_pooled_over_its_scans(
     assert saved.self_consistency_on_scan is not None and saved.self_consistency_saved is not None
     assert saved.self_consistency_saved > saved.self_consistency_on_scan  # the save rule
     for key, value in _statistics(engine, "pool", consistent_brain_model).items():
-        expected = (seeded[key] + own[key]) / 2 if statistics == "pooled" else own[key]
-        np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-7, err_msg=key)
+        if statistics == "pooled":  # the seeded version weighs its scan and the prior
+            expected = ((1 + prior) * seeded[key] + own[key]) / (2 + prior)
+        else:
+            expected = (prior * base[key] + own[key]) / (1 + prior)
+        np.testing.assert_allclose(value, expected, rtol=1e-4, atol=1e-6, err_msg=key)
     # this scan's output is refined on the scan alone, whatever the site version pools
     assert report.self_consistency.after == alone.self_consistency.after
     assert (saved.self_consistency_saved == alone.site_weights.self_consistency_saved) is (
         statistics == "latest"
     )
+
+
+def _version(reached: float | None) -> SiteVersion:
+    return SiteVersion(site="s", model="m", version=1, base_sha256="0" * 64, sha256="0" * 64,
+                       created=datetime.now(UTC), scans_refined=1, self_consistency_before=0.1,
+                       self_consistency_after=reached, refinement_epochs=1,
+                       sitefit_version="0", nbytes=0)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("consistency", "reached", "margin", "fast", "why"),
+    [
+        (0.95, 0.5, 0.02, True, ">= 0.9"),
+        (0.79, 0.80, 0.02, True, "within 0.02 of the 0.800"),
+        (0.77, 0.80, 0.02, False, "< 0.9 and below 0.800 - 0.02"),
+        (0.79, 0.80, None, False, "< 0.9"),
+        (0.79, None, 0.02, False, "< 0.9"),
+    ],
+)
+def test_auto_takes_the_cached_path_on_the_threshold_or_the_margin(
+    consistency: float, reached: float | None, margin: float | None, fast: bool, why: str
+) -> None:
+    taken, reason = auto_fast_path(consistency, _version(reached), 0.9, margin)
+    assert taken is fast and why in reason, reason

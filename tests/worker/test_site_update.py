@@ -6,7 +6,7 @@ import torch
 
 from worker.nets import NetConfig, SegmentationNet
 from worker.refinement import is_running_statistic, mutable_state
-from worker.site_update import pooled_state, site_delta
+from worker.site_update import pooled_state, site_delta, version_statistics
 
 
 def _state(offset: float) -> dict[str, torch.Tensor]:
@@ -38,6 +38,28 @@ def test_pooling_weighs_every_scan_the_same(site_scans: int) -> None:
 def test_pooling_refuses_a_negative_count() -> None:
     with pytest.raises(ValueError, match=">= 0"):
         pooled_state(_state(0.0), _state(1.0), -1)
+
+
+@pytest.mark.parametrize("prior", [0.0, 1 / 3, 2.0])
+@pytest.mark.parametrize("policy", ["pooled", "latest"])
+def test_a_version_pools_the_base_statistics_as_prior_scans(prior: float, policy: str) -> None:
+    base, start, scan = _state(0.0), _state(1.0), _state(5.0)
+    for start_scans in (0, 2):
+        state = version_statistics(base, start, scan, start_scans, prior, policy)  # type: ignore[arg-type]
+        for key, value in state.items():
+            if not is_running_statistic(key):
+                assert value is scan[key]
+            elif policy == "pooled" and start_scans:
+                # start held (prior * base + its 2 scans) / (prior + 2): one more scan joins
+                expected = ((prior + start_scans) * start[key] + scan[key]) / (prior + 3)
+                torch.testing.assert_close(value, expected)
+            else:
+                torch.testing.assert_close(value, (prior * base[key] + scan[key]) / (prior + 1))
+
+
+def test_a_version_refuses_a_negative_prior() -> None:
+    with pytest.raises(ValueError, match="prior_scans must be >= 0"):
+        version_statistics(_state(0.0), _state(1.0), _state(2.0), 0, -0.5, "pooled")
 
 
 def test_a_delta_holds_only_what_differs_from_the_base() -> None:

@@ -1,0 +1,149 @@
+"""Which of a site scan's batch-norm statistics carry over to the site's other scans.
+
+A probe for the site cache (issue 3): the statistics-only refinement moves every BN layer's
+running statistics to the scan's; a site version keeps them for the site's later scans. This
+probe takes the quality benchmark's site scan of a shifted domain (seed 3000), computes its
+statistics as the engine does (the cumulative average of ``--passes`` shuffles), and on each
+test scan (seed 1000) prints the surface Dice against the ground truth of
+
+- ``base``: the base model; ``own``: the test scan's own statistics (one-shot, unguarded);
+- ``site``: the site scan's statistics in every BN layer (what ``cached`` uses at point 1);
+- ``site@w``: the same, ``w`` of the way from the base model's (``--weights``);
+- ``site:GROUPS``: the site scan's statistics only in those layer groups (``init``: the init
+  path, ``down``: the encoder levels, ``up``: the decoder levels, ``out``: the output block),
+  the base model's elsewhere.
+
+and the mean share of the one-shot gain each keeps. It reads the models and cases that
+``bench/adapt_quality.py --work var/bench-stats`` wrote, e.g.::
+
+    python bench/site_probe.py --work var/bench-stats --task brain --domain c15t
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.adapt_quality import SITE_SEED, TEST_SEED, UNSEEN_SEED, Case, cases  # noqa: E402
+from model_store.base_models import BaseModelRegistry  # noqa: E402
+from sitefit import defaults  # noqa: E402
+from sitefit.metrics import overlap_per_class  # noqa: E402
+from sitefit.volume import load_label_map, load_scan  # noqa: E402
+from worker.inference import foreground_dice, predict  # noqa: E402
+from worker.nets import SegmentationNet  # noqa: E402
+from worker.preprocess import PreparedScan, prepare_scan  # noqa: E402
+from worker.refinement import (  # noqa: E402
+    RefineConfig,
+    interpolate_statistics,
+    is_running_statistic,
+    mutable_state,
+    refine,
+)
+from worker.weights import build_net  # noqa: E402
+
+GROUPS = {
+    "init": ("init_path.",),
+    "down": ("body.down.",),
+    "up": ("body.up.",),
+    "out": ("body.out_",),
+}
+
+
+def scan_statistics(
+    net: SegmentationNet, prepared: PreparedScan, classes: int, passes: int
+) -> dict[str, torch.Tensor]:
+    """The scan's own BN statistics, as the engine's statistics path computes them."""
+    base = predict(net, prepared.slices, defaults.REFINE_BATCH_SIZE)
+    config = RefineConfig(learning_rate=0.0, statistics_passes=passes, statistics_path=(1.0,))
+    refine(net, prepared.slices, classes, foreground_dice(base.early, base.final, classes), config)
+    return mutable_state(net)
+
+
+def restrict(
+    base: dict[str, torch.Tensor], site: dict[str, torch.Tensor], groups: list[str]
+) -> dict[str, torch.Tensor]:
+    """``base`` with the running statistics of ``groups`` taken from ``site``."""
+    prefixes = tuple(p for g in groups for p in GROUPS[g])
+    return {
+        k: site[k] if is_running_statistic(k) and k.startswith(prefixes) else v
+        for k, v in base.items()
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", default="brain")
+    parser.add_argument("--domain", default="c15t")
+    parser.add_argument("--work", type=Path, default=ROOT / "var" / "bench-stats")
+    parser.add_argument("--fov-mm", type=float, default=80.0, help="as adapt_quality's")
+    parser.add_argument("--n-test", type=int, default=5, help="as adapt_quality's")
+    parser.add_argument(
+        "--test-seed", type=int, default=TEST_SEED,
+        help=f"the scans to test on ({TEST_SEED}: the benchmark's; {UNSEEN_SEED}: others)",
+    )  # fmt: skip
+    parser.add_argument("--passes", type=int, default=defaults.REFINE_STATISTICS_PASSES)
+    parser.add_argument("--weights", type=float, nargs="*", default=[0.5, 0.75])
+    parser.add_argument(
+        "--groups", nargs="*", default=["init", "init+down", "init+down+up"],
+        help="layer groups joined by '+', from: " + ", ".join(GROUPS),
+    )  # fmt: skip
+    args = parser.parse_args()
+
+    registry = BaseModelRegistry(args.work / "home" / "models")
+    spec = registry.spec(f"bench-{args.task}")
+    tensors = registry.tensors(spec)
+    classes = len(spec.classes)
+    foreground = {k: v for k, v in spec.classes.items() if k}
+    device = torch.device("cpu")
+
+    def load(case: Case) -> tuple[PreparedScan, np.ndarray, tuple[float, float, float]]:
+        scan = load_scan(case.image, 10**9)
+        reference = load_label_map(case.label, like=scan)
+        return prepare_scan(scan, spec.slice_axis, device), reference, scan.spacing_mm
+
+    site_case = cases(args.task, args.domain, 1, SITE_SEED, args.fov_mm, args.work)[0]
+    test = cases(args.task, args.domain, args.n_test, args.test_seed, args.fov_mm, args.work)
+    site_scan, _, _ = load(site_case)
+    base_state = mutable_state(build_net(spec, tensors, device))
+    site_state = scan_statistics(build_net(spec, tensors, device), site_scan, classes, args.passes)
+
+    variants: dict[str, dict[str, torch.Tensor] | None] = {"base": base_state, "own": None}
+    variants["site"] = site_state
+    for weight in args.weights:
+        variants[f"site@{weight:g}"] = interpolate_statistics(base_state, site_state, weight)
+    for groups in args.groups:
+        variants[f"site:{groups}"] = restrict(base_state, site_state, groups.split("+"))
+
+    scores: dict[str, list[float]] = {name: [] for name in variants}
+    for index, case in enumerate(test):
+        prepared, reference, spacing = load(case)
+        for name, state in variants.items():
+            net = build_net(spec, tensors, device)
+            if state is None:
+                state = scan_statistics(net, prepared, classes, args.passes)
+            net.load_state_dict(state, strict=False)
+            labels = prepared.volume(predict(net, prepared.slices, 20).final)
+            figures = overlap_per_class(labels, reference, foreground, spacing, 1.0)
+            scores[name].append(
+                float(np.mean([f["surface_dice"] or 0.0 for f in figures.values()]))
+            )
+        print(
+            f"scan {index}: " + " ".join(f"{n} {s[-1]:.3f}" for n, s in scores.items()), flush=True
+        )
+    base, own = np.mean(scores["base"]), np.mean(scores["own"])
+    print(f"{args.task} {args.domain}: mean sDice (share of the one-shot gain {own - base:+.3f})")
+    for name, values in scores.items():
+        share = (np.mean(values) - base) / (own - base) if abs(own - base) >= 0.01 else float("nan")
+        print(f"  {name:22s} {np.mean(values):.3f}  {share:6.0%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
