@@ -75,22 +75,12 @@ def add_reference(
     """``figures`` with the comparison against a reference mask (before, after and, when a
     refinement ran, its last epoch). Kept apart so that its cost is timed apart: it is QA
     work the product does only when a reference is sent."""
-    foreground = _foreground(classes)
-    ref_before = overlap_per_class(
-        volumes.final_before, reference, foreground, spacing_mm, tolerance_mm
-    )
-    ref_after = (
-        ref_before
-        if _unchanged(volumes)
-        else overlap_per_class(volumes.final_after, reference, foreground, spacing_mm, tolerance_mm)
-    )
+    overlap = _overlap(_foreground(classes), spacing_mm, tolerance_mm)
+    ref_before = overlap(volumes.final_before, reference)
+    ref_after = ref_before if _unchanged(volumes) else overlap(volumes.final_after, reference)
     last, ref_last = volumes.final_last_epoch, None
     if last is not None:
-        ref_last = (
-            ref_after
-            if last is volumes.final_after
-            else overlap_per_class(last, reference, foreground, spacing_mm, tolerance_mm)
-        )
+        ref_last = ref_after if last is volumes.final_after else overlap(last, reference)
     per_class = None
     if figures.per_class is not None:
         per_class = {
