@@ -12,6 +12,12 @@ test scan (seed 1000) prints the surface Dice against the ground truth of
 - ``site:GROUPS``: the site scan's statistics only in those layer groups (``init``: the init
   path, ``down``: the encoder levels, ``up``: the decoder levels, ``out``: the output block),
   the base model's elsewhere.
+- ``site@mMvV``: the running means ``M`` and the running variances ``V`` of the way
+  (``--mean-var M:V``);
+- ``shrink@K``: per channel, the site's shift from the base model kept in the share
+  d^2 / (d^2 + K s^2), with s^2 the between-scan variance of that statistic over the base
+  model's training scans (variances compared as logs): an empirical-Bayes shrinkage that
+  keeps a shift only where it stands out of the source's scan-to-scan noise (``--shrink K``).
 
 and the mean share of the one-shot gain each keeps. It reads the models and cases that
 ``bench/adapt_quality.py --work var/bench-stats`` wrote, e.g.::
@@ -77,6 +83,54 @@ def restrict(
     }
 
 
+def split_statistics(
+    base: dict[str, torch.Tensor],
+    site: dict[str, torch.Tensor],
+    mean_weight: float,
+    var_weight: float,
+) -> dict[str, torch.Tensor]:
+    """``site`` with the running means ``mean_weight`` and the running variances
+    ``var_weight`` of the way from ``base``'s."""
+    means = interpolate_statistics(base, site, mean_weight)
+    variances = interpolate_statistics(base, site, var_weight)
+    return {k: variances[k] if k.endswith("running_var") else means[k] for k in site}
+
+
+def _coordinates(key: str, value: torch.Tensor) -> torch.Tensor:
+    """Running means as they are, running variances as logs (a scale is multiplicative); a
+    dead channel's variance of 0 counts as 1e-12, far below BN's eps."""
+    if key.endswith("running_var"):
+        return value.double().clamp_min(1e-12).log()
+    return value.double()
+
+
+def between_scan_variance(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per channel, the variance over scans of each BN running statistic (log for variances)."""
+    return {
+        key: torch.stack([_coordinates(key, s[key]) for s in states]).var(dim=0)
+        for key in states[0]
+        if is_running_statistic(key)
+    }
+
+
+def shrink(
+    base: dict[str, torch.Tensor],
+    site: dict[str, torch.Tensor],
+    spread: dict[str, torch.Tensor],
+    k: float,
+) -> dict[str, torch.Tensor]:
+    """Per channel, the site's shift from the base kept in the share d^2 / (d^2 + k s^2), with
+    s^2 the source scans' between-scan variance (positive-part James-Stein per coordinate)."""
+    out = dict(site)
+    for key, noise in spread.items():
+        start, end = _coordinates(key, base[key]), _coordinates(key, site[key])
+        shift = end - start
+        keep = shift.square() / (shift.square() + k * noise).clamp_min(1e-30)
+        mixed = start + keep * shift
+        out[key] = (mixed.exp() if key.endswith("running_var") else mixed).to(site[key].dtype)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="brain")
@@ -90,6 +144,17 @@ def main() -> int:
     )  # fmt: skip
     parser.add_argument("--passes", type=int, default=defaults.REFINE_STATISTICS_PASSES)
     parser.add_argument("--weights", type=float, nargs="*", default=[0.5, 0.75])
+    parser.add_argument(
+        "--mean-var", nargs="*", default=[],
+        help="MEAN:VAR pairs: the running means MEAN and the variances VAR of the way there",
+    )  # fmt: skip
+    parser.add_argument(
+        "--shrink",
+        type=float,
+        nargs="*",
+        default=[],
+        help="K: per-channel shrinkage to the base, d^2 / (d^2 + K * source between-scan var)",
+    )
     parser.add_argument(
         "--groups", nargs="*", default=["init", "init+down", "init+down+up"],
         help="layer groups joined by '+', from: " + ", ".join(GROUPS),
@@ -118,6 +183,24 @@ def main() -> int:
     variants["site"] = site_state
     for weight in args.weights:
         variants[f"site@{weight:g}"] = interpolate_statistics(base_state, site_state, weight)
+    for pair in args.mean_var:
+        mean_weight, var_weight = (float(x) for x in pair.split(":"))
+        variants[f"site@m{mean_weight:g}v{var_weight:g}"] = split_statistics(
+            base_state, site_state, mean_weight, var_weight
+        )
+    if args.shrink:
+        source = sorted((args.work / "data" / f"{args.task}-a3t-train" / "imagesTr").glob("*"))
+        source_states = [
+            scan_statistics(
+                build_net(spec, tensors, device),
+                prepare_scan(load_scan(path, 10**9), spec.slice_axis, device), classes,
+                args.passes,
+            )
+            for path in source
+        ]  # fmt: skip
+        spread = between_scan_variance(source_states)
+        for k in args.shrink:
+            variants[f"shrink@{k:g}"] = shrink(base_state, site_state, spread, k)
     for groups in args.groups:
         variants[f"site:{groups}"] = restrict(base_state, site_state, groups.split("+"))
 

@@ -361,10 +361,14 @@ class Engine:
         scan's own (``scan_state``, the refinement's last point) with the base model's and,
         with ``Settings.site_statistics`` "pooled", the site's earlier scans'
         (:mod:`worker.site_update`); they are judged by one more pass over this scan unless
-        they are the output's. ``net``, this scan's output, keeps what the guard chose.
+        they are the output's. When they do not beat the start and this scan's output
+        (``net``, what the guard kept) does, the output's weights are saved instead: the
+        pooled statistics are an estimate for the site's other scans, and a refinement that
+        helped this scan should not leave the site without a version.
         """
         classes = len(spec.classes)
         scans = (started_from.scans_refined if started_from else 0) + 1
+        candidates = [(net, after)]
         if self.settings.refine_lr == 0:
             kept = mutable_state(net)
             state = version_statistics(
@@ -372,13 +376,16 @@ class Engine:
                 self.settings.site_statistics_prior, self.settings.site_statistics,
             )  # fmt: skip
             if any(not torch.equal(state[k], kept[k]) for k in state):
-                net = copy.deepcopy(net)
-                load_numpy(net, {k: v.cpu().numpy() for k, v in state.items()}, strict=False)
-                after = predict(net, prepared.slices, self.settings.refine_batch_size)
-        consistency = foreground_dice(after.early, after.final, classes)
-        if consistency <= start_consistency:
+                pooled = copy.deepcopy(net)
+                load_numpy(pooled, {k: v.cpu().numpy() for k, v in state.items()}, strict=False)
+                prediction = predict(pooled, prepared.slices, self.settings.refine_batch_size)
+                candidates.insert(0, (pooled, prediction))
+        scored = ((c, foreground_dice(p.early, p.final, classes)) for c, p in candidates)
+        chosen = next(((c, score) for c, score in scored if score > start_consistency), None)
+        if chosen is None:
             return
-        delta = site_delta(mutable_state(net), self._base_tensors[spec.sha256])
+        candidate, consistency = chosen
+        delta = site_delta(mutable_state(candidate), self._base_tensors[spec.sha256])
         saved = self.store.sites.append(
             site, spec, delta,
             scans_refined=scans,
@@ -387,7 +394,7 @@ class Engine:
             refinement_epochs=epochs,
         )  # fmt: skip
         outcome.site_saved, outcome.site_saved_consistency = saved, consistency
-        self.site_models.put(CacheKey(site, spec.name, saved.version, spec.sha256), net)
+        self.site_models.put(CacheKey(site, spec.name, saved.version, spec.sha256), candidate)
 
     def _base_statistics(
         self, spec: ModelSpec, like: dict[str, torch.Tensor]

@@ -323,3 +323,21 @@ def test_auto_takes_the_cached_path_on_the_threshold_or_the_margin(
 ) -> None:
     taken, reason = auto_fast_path(consistency, _version(reached), 0.9, margin)
     assert taken is fast and why in reason, reason
+
+
+def test_adapt_saves_this_scans_output_when_the_pooled_statistics_do_not_beat_the_start(
+    engine: Engine, consistent_brain_model: str, near_source_brain_case: PhantomCase
+) -> None:
+    # a version pooled over 10^9 scans does not move in float32 when one more joins: the
+    # pooled candidate is the start itself, so only this scan's output can beat the start
+    assert engine.settings.site_statistics == "pooled"
+    seeded = _seed_statistics(engine, consistent_brain_model, "out", scans=10**9)
+    scan = near_source_brain_case.image
+    report = engine.run(SegmentRequest(scan, consistent_brain_model, "out", "adapt")).report
+    before, after = report.self_consistency.before.dice, report.self_consistency.after.dice
+    assert before is not None and after is not None and after > before, "premise: refining helps"
+    saved = report.site_weights
+    assert saved.saved_version == 2 and saved.saved_scans == 10**9 + 1, saved
+    assert saved.self_consistency_saved == pytest.approx(after, abs=1e-6)  # the output's
+    stored = _statistics(engine, "out", consistent_brain_model)
+    assert any(not np.array_equal(stored[k], seeded[k]) for k in seeded)
