@@ -31,7 +31,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
+import httpx2
 
 
 @dataclass
@@ -51,7 +51,7 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 async def uploader(
-    http: httpx.AsyncClient, args: argparse.Namespace, scan: bytes, stop_at: float, tally: Tally
+    http: httpx2.AsyncClient, args: argparse.Namespace, scan: bytes, stop_at: float, tally: Tally
 ) -> None:
     data = {"model": args.model, "mode": args.mode}
     if args.site:
@@ -69,7 +69,7 @@ async def uploader(
 
 
 async def poller(
-    http: httpx.AsyncClient, args: argparse.Namespace, stop_at: float, tally: Tally
+    http: httpx2.AsyncClient, args: argparse.Namespace, stop_at: float, tally: Tally
 ) -> None:
     rng = random.Random()
     while time.monotonic() < stop_at and tally.job_ids:
@@ -81,7 +81,7 @@ async def poller(
         await asyncio.sleep(args.poll_interval)
 
 
-async def statuses(http: httpx.AsyncClient, job_ids: list[str], delete: bool) -> Counter[str]:
+async def statuses(http: httpx2.AsyncClient, job_ids: list[str], delete: bool) -> Counter[str]:
     """Every job's status at the end of the run (then, with ``delete``, delete them all)."""
     counts: Counter[str] = Counter()
     for job_id in job_ids:
@@ -131,8 +131,8 @@ def phantom_scan() -> bytes:
 async def main_async(args: argparse.Namespace) -> dict[str, object]:
     scan = args.scan.read_bytes() if args.scan else phantom_scan()
     headers = {"Authorization": f"Bearer {args.key}"} if args.key else {}
-    limits = httpx.Limits(max_connections=args.clients * 2)
-    async with httpx.AsyncClient(base_url=args.url, headers=headers, limits=limits) as http:
+    limits = httpx2.Limits(max_connections=args.clients * 2)
+    async with httpx2.AsyncClient(base_url=args.url, headers=headers, limits=limits) as http:
         ready = await http.get("/readyz", timeout=10)
         if ready.status_code != 200:
             raise SystemExit(f"server not ready: {ready.status_code} {ready.text}")

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
+import httpx2
 import nibabel as nib
 import numpy as np
 import pytest
@@ -98,7 +98,7 @@ def test_dicom_series_upload_runs_on_the_series_grid(
 
 def test_worker_and_api_metrics(service: Service, brain_model: str) -> None:
     port = service.worker.metrics_port
-    worker_metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    worker_metrics = httpx2.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
     for name in (
         'sitefit_worker_jobs_total{mode="none",outcome="finished"}',
         'sitefit_job_stage_duration_seconds_count{stage="adapt"}',

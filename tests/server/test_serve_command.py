@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
+import httpx2
 import nibabel as nib
 
 from tests.conftest import PhantomCase
@@ -53,13 +53,13 @@ def test_serve_embedded_over_real_http(
         def healthy() -> bool:
             assert process.poll() is None, log.read_text()
             try:
-                return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
-            except httpx.HTTPError:
+                return httpx2.get(f"{base}/healthz", timeout=1).status_code == 200
+            except httpx2.HTTPError:
                 return False
 
         wait_for(healthy, 60, "sitefit serve to answer", interval=0.2)
         with shifted_brain_case.image.open("rb") as scan:
-            created = httpx.post(
+            created = httpx2.post(
                 f"{base}/v1/jobs",
                 files={"file": ("scan.nii.gz", scan)},
                 data={"model": brain_model, "site": "site-a", "mode": "adapt"},
@@ -68,11 +68,11 @@ def test_serve_embedded_over_real_http(
         assert created.status_code == 202, created.text
         job_url = base + created.json()["links"]["self"]
         deadline = time.monotonic() + 300  # generous: a safety net, not a speed target
-        while (job := httpx.get(job_url, timeout=10).json())["status"] in ("queued", "running"):
+        while (job := httpx2.get(job_url, timeout=10).json())["status"] in ("queued", "running"):
             assert time.monotonic() < deadline, job
             time.sleep(0.1)
         assert job["status"] == "finished", job
-        mask = httpx.get(base + job["links"]["mask"], timeout=10)
+        mask = httpx2.get(base + job["links"]["mask"], timeout=10)
         assert image_from_bytes(mask.content).shape == nib.load(shifted_brain_case.image).shape
     finally:
         process.terminate()
