@@ -189,7 +189,8 @@ def main() -> int:
             base_state, site_state, mean_weight, var_weight
         )
     if args.shrink:
-        source = sorted((args.work / "data" / f"{args.task}-a3t-train" / "imagesTr").glob("*"))
+        training = args.work / "data" / f"{args.task}-a3t-train" / "imagesTr"
+        source = sorted(training.glob("*_0000.nii.gz"))  # the images, as cases() reads them
         source_states = [
             scan_statistics(
                 build_net(spec, tensors, device),
