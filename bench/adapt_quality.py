@@ -102,7 +102,12 @@ def cases(task: str, domain: str, n: int, seed: int, fov: float, work: Path) -> 
 def base_model(task: str, args: argparse.Namespace, registry: BaseModelRegistry) -> ModelSpec:
     name = f"bench-{task}"
     source = next(n for n, d in DOMAINS.items() if d.role == "source")
-    config = TrainConfig(epochs=args.epochs, head_epochs=args.head_epochs, seed=args.seed)
+    config = TrainConfig(
+        epochs=args.epochs,
+        head_epochs=args.head_epochs,
+        head_statistics=args.head_statistics,
+        seed=args.seed,
+    )
     data = write_dataset(
         task,
         source,
@@ -116,8 +121,9 @@ def base_model(task: str, args: argparse.Namespace, registry: BaseModelRegistry)
         if (
             spec.training.epochs,
             spec.training.head_epochs,
+            spec.training.head_statistics,
             len(spec.training.train_cases) + len(spec.training.validation_cases),
-        ) == (args.epochs, args.head_epochs, args.n_train):
+        ) == (args.epochs, args.head_epochs, args.head_statistics, args.n_train):
             print(f"[{task}] reusing base model {name}@{spec.version}", flush=True)
             return spec
     except ModelNotFoundError:
@@ -576,6 +582,9 @@ def main() -> int:
     parser.add_argument("--fov-mm", type=float, default=80.0)
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--head-epochs", type=int, default=6)
+    parser.add_argument(
+        "--head-statistics", choices=["scan", "source"], default=defaults.HEAD_STATISTICS
+    )
     parser.add_argument("--refine-epochs", type=int, default=10)
     parser.add_argument(
         "--refine-lr",

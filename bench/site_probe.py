@@ -18,9 +18,16 @@ test scan (seed 1000) prints the surface Dice against the ground truth of
   d^2 / (d^2 + K s^2), with s^2 the between-scan variance of that statistic over the base
   model's training scans (variances compared as logs): an empirical-Bayes shrinkage that
   keeps a shift only where it stands out of the source's scan-to-scan noise (``--shrink K``).
+- ``cons@LRxE``: the site scan's statistics at the first ``--weights`` point, then the
+  paper's self-training of the init path (Eq. 2, Adam at ``LR``, batch norm frozen at those
+  statistics, at most ``E`` epochs) on the site scan (``--consolidate LR:E``): the early
+  head is trained towards the final output that the statistics gave.
 
-and the mean share of the one-shot gain each keeps. It reads the models and cases that
-``bench/adapt_quality.py --work var/bench-stats`` wrote, e.g.::
+and the mean share of the one-shot gain each keeps. For every variant it also prints the
+volumetric and the surface Dice between the early and the final mask on the site scan: the
+first is the label-free figure that decides whether a site version is saved (it must beat
+the base model's), the second the report's self-consistency. It reads the models and cases
+that ``bench/adapt_quality.py --work var/bench-stats`` wrote, e.g.::
 
     python bench/site_probe.py --work var/bench-stats --task brain --domain c15t
 """
@@ -70,6 +77,17 @@ def scan_statistics(
     config = RefineConfig(learning_rate=0.0, statistics_passes=passes, statistics_path=(1.0,))
     refine(net, prepared.slices, classes, foreground_dice(base.early, base.final, classes), config)
     return mutable_state(net)
+
+
+def consolidate(
+    net: SegmentationNet, prepared: PreparedScan, classes: int, lr: float, epochs: int
+) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """``net``'s state after the paper's self-training on ``prepared`` with BN frozen."""
+    start = predict(net, prepared.slices, defaults.REFINE_BATCH_SIZE)
+    config = RefineConfig(learning_rate=lr, batchnorm="frozen", max_epochs=epochs)
+    result = refine(net, prepared.slices, classes,
+                    foreground_dice(start.early, start.final, classes), config)  # fmt: skip
+    return mutable_state(net), result.dice_trace
 
 
 def restrict(
@@ -159,6 +177,10 @@ def main() -> int:
         "--groups", nargs="*", default=["init", "init+down", "init+down+up"],
         help="layer groups joined by '+', from: " + ", ".join(GROUPS),
     )  # fmt: skip
+    parser.add_argument(
+        "--consolidate", nargs="*", default=[],
+        help="LR:EPOCHS: self-training of the init path after the first --weights point",
+    )  # fmt: skip
     args = parser.parse_args()
 
     registry = BaseModelRegistry(args.work / "home" / "models")
@@ -175,7 +197,7 @@ def main() -> int:
 
     site_case = cases(args.task, args.domain, 1, SITE_SEED, args.fov_mm, args.work)[0]
     test = cases(args.task, args.domain, args.n_test, args.test_seed, args.fov_mm, args.work)
-    site_scan, _, _ = load(site_case)
+    site_scan, _, site_spacing = load(site_case)
     base_state = mutable_state(build_net(spec, tensors, device))
     site_state = scan_statistics(build_net(spec, tensors, device), site_scan, classes, args.passes)
 
@@ -204,6 +226,29 @@ def main() -> int:
             variants[f"shrink@{k:g}"] = shrink(base_state, site_state, spread, k)
     for groups in args.groups:
         variants[f"site:{groups}"] = restrict(base_state, site_state, groups.split("+"))
+    for pair in args.consolidate:
+        lr, epochs = float(pair.split(":")[0]), int(pair.split(":")[1])
+        net = build_net(spec, tensors, device)
+        net.load_state_dict(
+            interpolate_statistics(base_state, site_state, args.weights[0]), strict=False
+        )
+        variants[f"cons@{lr:g}x{epochs}"], trace = consolidate(net, site_scan, classes, lr, epochs)
+        print(f"cons@{lr:g}x{epochs}: Dice(early, final) per epoch on the site scan {trace}")
+    consistency = {}
+    for name, state in variants.items():
+        if state is not None:
+            net = build_net(spec, tensors, device)
+            net.load_state_dict(state, strict=False)
+            p = predict(net, site_scan.slices, defaults.REFINE_BATCH_SIZE)
+            early, final = site_scan.volume(p.early), site_scan.volume(p.final)
+            surface = overlap_per_class(early, final, foreground, site_spacing, 1.0)
+            consistency[name] = (
+                foreground_dice(p.early, p.final, classes),
+                float(np.mean([f["surface_dice"] or 0.0 for f in surface.values()])),
+            )
+    print("site scan Dice / surface Dice (early, final): "
+          + " ".join(f"{n} {c:.3f}/{d:.3f}" for n, (c, d) in consistency.items()),
+          flush=True)  # fmt: skip
 
     scores: dict[str, list[float]] = {name: [] for name in variants}
     for index, case in enumerate(test):

@@ -37,6 +37,9 @@ class TrainingInfo(BaseModel):
     head_epochs: int
     learning_rate: float
     head_learning_rate: float | None = None
+    # BN statistics the early head was trained under (worker.training); specs written before
+    # the option existed were trained with the source's
+    head_statistics: Literal["scan", "source"] = "source"
     batch_size: int
     seed: int
     seconds: float

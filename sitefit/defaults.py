@@ -20,6 +20,13 @@ TRAIN_EPOCHS = 30
 # (docs/method.md), so it gets a larger step and more epochs.
 HEAD_EPOCHS = 20
 HEAD_LR = 1e-2
+# Which batch-norm statistics normalise the init path's features while the early head trains:
+# "source", the U-Net's running statistics (the paper's), or "scan", each training scan's own
+# (what the statistics-only refinement moves a target scan to). "scan" was meant to make
+# Dice(early, final) follow the statistics path; on the phantom benchmark it saved fewer site
+# versions, and its cardiac head found almost nothing (docs/method.md, "What the save rule
+# sees").
+HEAD_STATISTICS: Final = "source"
 TRAIN_BATCH_SIZE = 16
 VALIDATION_FRACTION = 0.2
 SEED = 0

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -20,9 +22,11 @@ from sitefit.exceptions import InvalidInputError
 from worker.dataset import Slices, load_slices, read_dataset
 from worker.inference import foreground_dice, predict
 from worker.nets import NetConfig, SegmentationNet, supervised_loss
+from worker.refinement import RefineConfig, is_running_statistic, refine, snapshot
 from worker.weights import architecture_of, to_numpy
 
 Log = Callable[[str], None]
+HeadStatistics = Literal["scan", "source"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,7 @@ class TrainConfig:
     batch_size: int = defaults.TRAIN_BATCH_SIZE
     learning_rate: float = defaults.TRAIN_LR
     head_learning_rate: float = defaults.HEAD_LR
+    head_statistics: HeadStatistics = defaults.HEAD_STATISTICS
     seed: int = defaults.SEED
     base_channels: int = defaults.BASE_CHANNELS
     levels: int = defaults.LEVELS
@@ -46,6 +51,10 @@ class TrainConfig:
             raise InvalidInputError(f"slice axis must be 0, 1 or 2, not {self.slice_axis}")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise InvalidInputError("validation fraction must be in [0, 1)")
+        if self.head_statistics not in ("scan", "source"):
+            raise InvalidInputError(
+                f"head statistics must be 'scan' or 'source', not {self.head_statistics!r}"
+            )
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -126,6 +135,7 @@ def train_base_model(
             head_epochs=config.head_epochs,
             learning_rate=config.learning_rate,
             head_learning_rate=config.head_learning_rate,
+            head_statistics=config.head_statistics,
             batch_size=config.batch_size,
             seed=config.seed,
             seconds=round(time.perf_counter() - started, 2),
@@ -153,16 +163,26 @@ def train_early_head(
 ) -> None:
     """Train the early head against the labels with the U-Net frozen (paper §2.2).
 
-    Eval mode keeps the U-Net's BN statistics fixed; only head parameters get gradients.
+    Eval mode keeps the U-Net's BN statistics fixed; only head parameters get gradients. With
+    ``config.head_statistics`` "scan" every batch is drawn from one training scan and the BN
+    layers normalise with that scan's own statistics (as the statistics-only refinement
+    computes them), so the head learns to read features in the regime refinement moves a
+    target scan to; the U-Net's running statistics are restored bitwise afterwards.
     """
     net.requires_grad_(False)
     net.early_head.requires_grad_(True)
     optimizer = torch.optim.Adam(net.early_head.parameters(), lr=config.head_learning_rate)
+    per_scan = config.head_statistics == "scan"
+    source = snapshot(net)
+    cases = range(len(train.case_ranges)) if per_scan else range(0)
+    statistics = [_scan_statistics(net, train, case, num_classes) for case in cases]
     for epoch in range(1, config.head_epochs + 1):
         net.eval()
         tick = time.perf_counter()
         losses = []
-        for images, labels in _batches(train, config.batch_size, generator, device):
+        for case, images, labels in _head_batches(train, config, generator, device):
+            if case is not None:
+                net.load_state_dict(statistics[case], strict=False)
             with torch.no_grad():
                 features = net.init_path(images)
             loss = supervised_loss(net.early_head(features), labels)
@@ -170,12 +190,62 @@ def train_early_head(
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
+        if per_scan:
+            net.load_state_dict(_running_statistics(source), strict=False)
         _, early_dice = _validate(net, val, num_classes, config.batch_size, device)
         log(
             f"early head epoch {epoch}/{config.head_epochs}: loss {np.mean(losses):.4f}, "
             f"validation dice {early_dice:.4f} ({time.perf_counter() - tick:.1f} s)"
         )
     net.requires_grad_(False)
+
+
+def _running_statistics(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if is_running_statistic(k)}
+
+
+def _scan_statistics(
+    net: SegmentationNet, slices: Slices, case: int, num_classes: int
+) -> dict[str, torch.Tensor]:
+    """One training scan's own BN running statistics, as the statistics-only refinement
+    computes them (the cumulative average of its batch statistics)."""
+    start, stop = slices.case_ranges[case]
+    device = next(net.parameters()).device
+    images = torch.from_numpy(slices.images[start:stop]).to(device)
+    probe = copy.deepcopy(net)
+    refine(probe, images, num_classes, 0.0, RefineConfig(learning_rate=0.0, statistics_path=(1.0,)))
+    return _running_statistics(snapshot(probe))
+
+
+def _head_batches(
+    slices: Slices, config: TrainConfig, generator: torch.Generator, device: torch.device
+) -> Iterator[tuple[int | None, torch.Tensor, torch.Tensor]]:
+    """The early head's batches: (scan index, images, labels), the index None with
+    ``head_statistics`` "source" (batches mix scans as the U-Net's do)."""
+    if config.head_statistics == "scan":
+        yield from _scan_batches(slices, config.batch_size, generator, device)
+    else:
+        for images, labels in _batches(slices, config.batch_size, generator, device):
+            yield None, images, labels
+
+
+def _scan_batches(
+    slices: Slices, batch_size: int, generator: torch.Generator, device: torch.device
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Shuffled batches that never mix scans: the scans in random order, each one's slices
+    shuffled; yields (scan index, images, labels)."""
+    for case in torch.randperm(len(slices.case_ranges), generator=generator).tolist():
+        start, stop = slices.case_ranges[case]
+        order = (torch.randperm(stop - start, generator=generator) + start).numpy()
+        for first in range(0, len(order), batch_size):
+            index = np.sort(order[first : first + batch_size])
+            if len(index) < 2:
+                continue
+            yield (
+                case,
+                torch.from_numpy(slices.images[index]).to(device),
+                torch.from_numpy(slices.labels[index]).to(device),
+            )
 
 
 def _batches(

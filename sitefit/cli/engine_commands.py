@@ -42,6 +42,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     train.add_argument(
         "--head-lr", type=float, default=defaults.HEAD_LR, help="early head learning rate"
     )
+    train.add_argument(
+        "--head-statistics",
+        choices=["scan", "source"],
+        default=defaults.HEAD_STATISTICS,
+        help="BN statistics the early head is trained under: each training scan's own, or the "
+        "source's running statistics",
+    )
     train.add_argument("--seed", type=int, default=defaults.SEED)
     train.add_argument("--base-channels", type=int, default=defaults.BASE_CHANNELS)
     train.add_argument("--slice-axis", type=int, default=2, help="canonical (RAS) axis, 0-2")
@@ -94,6 +101,7 @@ def run_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         learning_rate=args.lr,
         head_learning_rate=args.head_lr,
+        head_statistics=args.head_statistics,
         seed=args.seed,
         base_channels=args.base_channels,
         slice_axis=args.slice_axis,

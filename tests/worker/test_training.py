@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model_store.base_models import BaseModelRegistry
-from sitefit.exceptions import DatasetError
+from sitefit.exceptions import DatasetError, InvalidInputError
 from sitefit.settings import Settings
 from tests.conftest import TINY_TRAINING, TRAINING_LOGS
 from worker.training import TrainConfig, train_base_model
@@ -88,3 +88,29 @@ def test_bad_datasets_are_refused(
             torch.device("cpu"),
             log=str,
         )
+
+
+def test_the_early_head_can_train_under_each_scans_own_statistics(
+    brain_dataset: Path, tmp_path: Path
+) -> None:
+    """ "scan" trains another head on the same U-Net and gives the U-Net's running statistics
+    back bitwise; the spec says which statistics the head was trained under."""
+    registry = BaseModelRegistry(tmp_path)
+    tensors = {}
+    for statistics in ("scan", "source"):
+        config = TrainConfig(**{**TINY_TRAINING, "head_statistics": statistics})
+        spec = train_base_model(brain_dataset, statistics, config, registry,
+                                torch.device("cpu"), log=str)  # fmt: skip
+        assert spec.training.head_statistics == statistics
+        tensors[statistics] = registry.tensors(spec)
+    scan, source = tensors["scan"], tensors["source"]
+    heads = {key for key in scan if key.startswith("early_head.")}
+    assert heads and all(not (scan[k] == source[k]).all() for k in heads if k.endswith("weight"))
+    assert any(key.endswith("running_var") for key in scan)
+    for key in scan.keys() - heads:
+        assert (scan[key] == source[key]).all(), key
+
+
+def test_a_bad_head_statistics_option_is_refused() -> None:
+    with pytest.raises(InvalidInputError, match="head statistics"):
+        TrainConfig(head_statistics="batch")  # type: ignore[arg-type]
