@@ -173,9 +173,11 @@ def train_early_head(
     net.early_head.requires_grad_(True)
     optimizer = torch.optim.Adam(net.early_head.parameters(), lr=config.head_learning_rate)
     per_scan = config.head_statistics == "scan"
-    source = snapshot(net)
-    cases = range(len(train.case_ranges)) if per_scan else range(0)
-    statistics = [_scan_statistics(net, train, case, num_classes) for case in cases]
+    source = _running_statistics(snapshot(net)) if per_scan else {}
+    statistics = [
+        _scan_statistics(net, train, case, num_classes)
+        for case in range(len(train.case_ranges) if per_scan else 0)
+    ]
     for epoch in range(1, config.head_epochs + 1):
         net.eval()
         tick = time.perf_counter()
@@ -191,7 +193,7 @@ def train_early_head(
             optimizer.step()
             losses.append(loss.item())
         if per_scan:
-            net.load_state_dict(_running_statistics(source), strict=False)
+            net.load_state_dict(source, strict=False)
         _, early_dice = _validate(net, val, num_classes, config.batch_size, device)
         log(
             f"early head epoch {epoch}/{config.head_epochs}: loss {np.mean(losses):.4f}, "
