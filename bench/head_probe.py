@@ -32,14 +32,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.adapt_quality import SITE_SEED, cases  # noqa: E402
-from bench.site_probe import scan_statistics  # noqa: E402
 from model_store.base_models import BaseModelRegistry  # noqa: E402
 from sitefit import defaults  # noqa: E402
 from sitefit.metrics import overlap_per_class  # noqa: E402
 from sitefit.volume import load_label_map, load_scan  # noqa: E402
 from worker.inference import foreground_dice, predict  # noqa: E402
 from worker.preprocess import prepare_scan  # noqa: E402
-from worker.refinement import interpolate_statistics, mutable_state  # noqa: E402
+from worker.refinement import (  # noqa: E402
+    interpolate_statistics,
+    mutable_state,
+    scan_statistics,
+)
 from worker.weights import build_net  # noqa: E402
 
 
@@ -84,7 +87,7 @@ def main() -> int:
         scan = load_scan(case.image, 10**9)
         reference = load_label_map(case.label, like=scan)
         prepared = prepare_scan(scan, spec.slice_axis, device)
-        site = scan_statistics(build(), prepared, classes, defaults.REFINE_STATISTICS_PASSES)
+        site = scan_statistics(build(), prepared.slices, classes)
         for weight in args.weights:
             cells, final = [], 0.0
             for model, build_model in models:

@@ -58,6 +58,7 @@ from worker.refinement import (  # noqa: E402
     is_running_statistic,
     mutable_state,
     refine,
+    scan_statistics,
 )
 from worker.weights import build_net  # noqa: E402
 
@@ -67,16 +68,6 @@ GROUPS = {
     "up": ("body.up.",),
     "out": ("body.out_",),
 }
-
-
-def scan_statistics(
-    net: SegmentationNet, prepared: PreparedScan, classes: int, passes: int
-) -> dict[str, torch.Tensor]:
-    """The scan's own BN statistics, as the engine's statistics path computes them."""
-    base = predict(net, prepared.slices, defaults.REFINE_BATCH_SIZE)
-    config = RefineConfig(learning_rate=0.0, statistics_passes=passes, statistics_path=(1.0,))
-    refine(net, prepared.slices, classes, foreground_dice(base.early, base.final, classes), config)
-    return mutable_state(net)
 
 
 def consolidate(
@@ -199,7 +190,8 @@ def main() -> int:
     test = cases(args.task, args.domain, args.n_test, args.test_seed, args.fov_mm, args.work)
     site_scan, _, site_spacing = load(site_case)
     base_state = mutable_state(build_net(spec, tensors, device))
-    site_state = scan_statistics(build_net(spec, tensors, device), site_scan, classes, args.passes)
+    site_net = build_net(spec, tensors, device)
+    site_state = scan_statistics(site_net, site_scan.slices, classes, args.passes)
 
     variants: dict[str, dict[str, torch.Tensor] | None] = {"base": base_state, "own": None}
     variants["site"] = site_state
@@ -216,7 +208,7 @@ def main() -> int:
         source_states = [
             scan_statistics(
                 build_net(spec, tensors, device),
-                prepare_scan(load_scan(path, 10**9), spec.slice_axis, device), classes,
+                prepare_scan(load_scan(path, 10**9), spec.slice_axis, device).slices, classes,
                 args.passes,
             )
             for path in source
@@ -256,7 +248,7 @@ def main() -> int:
         for name, state in variants.items():
             net = build_net(spec, tensors, device)
             if state is None:
-                state = scan_statistics(net, prepared, classes, args.passes)
+                state = scan_statistics(net, prepared.slices, classes, args.passes)
             net.load_state_dict(state, strict=False)
             labels = prepared.volume(predict(net, prepared.slices, 20).final)
             figures = overlap_per_class(labels, reference, foreground, spacing, 1.0)

@@ -39,6 +39,7 @@ step is the forward pass alone, so only the BN running statistics move (docs/met
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -298,6 +299,21 @@ def _statistics_path(
         run.add(state, prediction, dice)
     run.eval_seconds = time.perf_counter() - tock
     return run
+
+
+def scan_statistics(
+    net: SegmentationNet,
+    slices: torch.Tensor,
+    num_classes: int,
+    passes: int = defaults.REFINE_STATISTICS_PASSES,
+) -> dict[str, torch.Tensor]:
+    """The BN running statistics of ``slices`` (one scan) as the statistics-only refinement
+    computes them: the cumulative average of ``passes`` shuffles of its batch statistics, the
+    last point of the statistics path. ``net`` is left as it was."""
+    probe = copy.deepcopy(net)
+    config = RefineConfig(learning_rate=0.0, statistics_path=(1.0,), statistics_passes=passes)
+    refine(probe, slices, num_classes, 0.0, config)
+    return {k: v for k, v in mutable_state(probe).items() if is_running_statistic(k)}
 
 
 def interpolate_statistics(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +21,7 @@ from sitefit.exceptions import InvalidInputError
 from worker.dataset import Slices, load_slices, read_dataset
 from worker.inference import foreground_dice, predict
 from worker.nets import NetConfig, SegmentationNet, supervised_loss
-from worker.refinement import RefineConfig, is_running_statistic, refine, snapshot
+from worker.refinement import is_running_statistic, scan_statistics, snapshot
 from worker.weights import architecture_of, to_numpy
 
 Log = Callable[[str], None]
@@ -175,8 +174,8 @@ def train_early_head(
     per_scan = config.head_statistics == "scan"
     source = _running_statistics(snapshot(net)) if per_scan else {}
     statistics = [
-        _scan_statistics(net, train, case, num_classes)
-        for case in range(len(train.case_ranges) if per_scan else 0)
+        scan_statistics(net, torch.from_numpy(train.images[start:stop]).to(device), num_classes)
+        for start, stop in (train.case_ranges if per_scan else [])
     ]
     for epoch in range(1, config.head_epochs + 1):
         net.eval()
@@ -204,19 +203,6 @@ def train_early_head(
 
 def _running_statistics(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if is_running_statistic(k)}
-
-
-def _scan_statistics(
-    net: SegmentationNet, slices: Slices, case: int, num_classes: int
-) -> dict[str, torch.Tensor]:
-    """One training scan's own BN running statistics, as the statistics-only refinement
-    computes them (the cumulative average of its batch statistics)."""
-    start, stop = slices.case_ranges[case]
-    device = next(net.parameters()).device
-    images = torch.from_numpy(slices.images[start:stop]).to(device)
-    probe = copy.deepcopy(net)
-    refine(probe, images, num_classes, 0.0, RefineConfig(learning_rate=0.0, statistics_path=(1.0,)))
-    return _running_statistics(snapshot(probe))
 
 
 def _head_batches(

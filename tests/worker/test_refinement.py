@@ -1,5 +1,6 @@
 """Refinement invariants (paper §2.2): what changes, what must not, and the teacher."""
 
+import copy
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -8,7 +9,13 @@ import torch
 
 from worker.inference import SlicePrediction, foreground_dice, predict
 from worker.nets import NetConfig, SegmentationNet
-from worker.refinement import RefineConfig, refine, snapshot
+from worker.refinement import (
+    RefineConfig,
+    is_running_statistic,
+    refine,
+    scan_statistics,
+    snapshot,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -445,3 +452,17 @@ def test_an_acceptance_walks_the_path_back_and_stops_where_it_accepts(
     # the net ends at the scan's statistics either way
     for name, buffer in net.named_buffers():
         torch.testing.assert_close(buffer, eager.states[-1][name], rtol=0, atol=0)
+
+
+def test_scan_statistics_are_the_statistics_paths_last_point_and_leave_the_net_alone() -> None:
+    net, slices = _net(), _slices()
+    before = snapshot(net)
+    statistics = scan_statistics(net, slices, 2, passes=2)
+    assert all(torch.equal(v, before[k]) for k, v in snapshot(net).items())
+    config = RefineConfig(learning_rate=0.0, statistics_passes=2, statistics_path=(1.0,))
+    refined = copy.deepcopy(net)
+    refine(refined, slices, 2, 0.0, config)
+    expected = {k: v for k, v in snapshot(refined).items() if is_running_statistic(k)}
+    assert statistics.keys() == expected.keys() and statistics
+    assert all(torch.equal(statistics[k], expected[k]) for k in expected)
+    assert any(not torch.equal(statistics[k], before[k]) for k in expected)
