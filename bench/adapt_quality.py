@@ -42,7 +42,6 @@ from model_store.backend import FilesystemBackend  # noqa: E402
 from model_store.base_models import BaseModelRegistry  # noqa: E402
 from model_store.spec import ModelSpec  # noqa: E402
 from sitefit import defaults  # noqa: E402
-from sitefit.exceptions import ModelNotFoundError  # noqa: E402
 from sitefit.metrics import overlap_per_class  # noqa: E402
 from sitefit.phantoms import DOMAINS, write_dataset  # noqa: E402
 from sitefit.report import Report  # noqa: E402
@@ -99,6 +98,19 @@ def cases(task: str, domain: str, n: int, seed: int, fov: float, work: Path) -> 
     return [Case(i, lab) for i, lab in zip(images, labels, strict=True)]
 
 
+def head_options(args: argparse.Namespace) -> str:
+    """How the early head was trained, for a section title; "" with the defaults."""
+    options = [
+        f"{name} {value}"
+        for name, value, default in (
+            ("head statistics", args.head_statistics, defaults.HEAD_STATISTICS),
+            ("head augmentation", args.head_augmentation, defaults.HEAD_AUGMENTATION),
+        )
+        if value != default
+    ]
+    return f", {', '.join(options)}" if options else ""
+
+
 def base_model(task: str, args: argparse.Namespace, registry: BaseModelRegistry) -> ModelSpec:
     name = f"bench-{task}"
     source = next(n for n, d in DOMAINS.items() if d.role == "source")
@@ -106,6 +118,7 @@ def base_model(task: str, args: argparse.Namespace, registry: BaseModelRegistry)
         epochs=args.epochs,
         head_epochs=args.head_epochs,
         head_statistics=args.head_statistics,
+        head_augmentation=args.head_augmentation,
         seed=args.seed,
     )
     data = write_dataset(
@@ -116,18 +129,25 @@ def base_model(task: str, args: argparse.Namespace, registry: BaseModelRegistry)
         args.work / "data" / f"{task}-{source}-train",
         args.fov_mm,
     )
-    try:
-        spec = registry.spec(name)
+    wanted = (
+        args.epochs,
+        args.head_epochs,
+        args.head_statistics,
+        args.head_augmentation,
+        args.n_train,
+    )
+    # newest first: a run with other head options trains (or reuses) a version of its own
+    for version in reversed(registry.versions(name)):
+        spec = registry.spec(f"{name}@{version}")
         if (
             spec.training.epochs,
             spec.training.head_epochs,
             spec.training.head_statistics,
+            spec.training.head_augmentation,
             len(spec.training.train_cases) + len(spec.training.validation_cases),
-        ) == (args.epochs, args.head_epochs, args.head_statistics, args.n_train):
+        ) == wanted:
             print(f"[{task}] reusing base model {name}@{spec.version}", flush=True)
             return spec
-    except ModelNotFoundError:
-        pass
     print(f"[{task}] training base model on {args.n_train} {source} subjects", flush=True)
     return train_base_model(
         data,
@@ -198,7 +218,7 @@ def run_task(task: str, args: argparse.Namespace) -> list[DomainResult]:
             # site=None: every refinement starts from the base model (one-shot, Table 2)
             engine = make_engine(args, home, mode, args.work / "sites-unused")
             for case in test:
-                report = engine.run(SegmentRequest(case.image, spec.name, None, "adapt",
+                report = engine.run(SegmentRequest(case.image, spec.ref, None, "adapt",
                                                    case.label)).report  # fmt: skip
                 assert report.reference is not None and report.guard is not None
                 last = report.reference.last_epoch
@@ -284,7 +304,7 @@ def site_cache(
     shutil.rmtree(sites, ignore_errors=True)
     engine = make_engine(args, home, args.batchnorm[0], sites)
     first = cases(task, domain, 1, SITE_SEED, args.fov_mm, args.work)[0]
-    report = engine.run(SegmentRequest(first.image, spec.name, domain, "adapt", first.label)).report
+    report = engine.run(SegmentRequest(first.image, spec.ref, domain, "adapt", first.label)).report
     result.site_saved = report.site_weights.saved_version is not None
     saved = engine.store.sites.latest(domain, spec.name)
     result.site_saved_consistency = saved.self_consistency_after if saved else None
@@ -297,7 +317,7 @@ def site_cache(
     adapt_engine = make_engine(args, home, args.batchnorm[0], adapt_sites)
     for mode in ("cached", "auto"):
         for case in test:
-            report = engine.run(SegmentRequest(case.image, spec.name, domain, mode,
+            report = engine.run(SegmentRequest(case.image, spec.ref, domain, mode,
                                                case.label)).report  # fmt: skip
             seconds = job_seconds(report)
             assert report.reference is not None
@@ -310,10 +330,10 @@ def site_cache(
                 result.auto_paths.append(report.mode_used)
                 # adapt on the same scan right after, for the site and without one (the
                 # one-shot table's runs are minutes apart, under other load)
-                adapted = adapt_engine.run(SegmentRequest(case.image, spec.name, domain,
+                adapted = adapt_engine.run(SegmentRequest(case.image, spec.ref, domain,
                                                           "adapt")).report  # fmt: skip
                 result.site_seconds.setdefault("adapt", []).append(job_seconds(adapted))
-                alone = engine.run(SegmentRequest(case.image, spec.name, None, "adapt")).report
+                alone = engine.run(SegmentRequest(case.image, spec.ref, None, "adapt")).report
                 result.site_seconds.setdefault("one_shot", []).append(job_seconds(alone))
     # A site refined on several scans in turn: its version pools their statistics
     # (Settings.site_statistics), which `cached` then uses on the same test scans.
@@ -321,11 +341,11 @@ def site_cache(
     shutil.rmtree(pooled, ignore_errors=True)
     engine = make_engine(args, home, args.batchnorm[0], pooled)
     for case in cases(task, domain, POOLED_SCANS, SITE_SEED, args.fov_mm, args.work):
-        engine.run(SegmentRequest(case.image, spec.name, domain, "adapt", case.label))
+        engine.run(SegmentRequest(case.image, spec.ref, domain, "adapt", case.label))
     latest = engine.store.sites.latest(domain, spec.name)
     result.pooled_scans = latest.scans_refined if latest else 0
     for case in test:
-        report = engine.run(SegmentRequest(case.image, spec.name, domain, "cached",
+        report = engine.run(SegmentRequest(case.image, spec.ref, domain, "cached",
                                            case.label)).report  # fmt: skip
         assert report.reference is not None
         result.site.setdefault("cached_pooled", []).append(
@@ -432,8 +452,10 @@ def markdown(
         f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch "
         f"thread(s), torch {torch.__version__}, CPU; wall time {seconds / 60:.1f} min.  ",
         f"Setup: base model trained on {args.n_train} source subjects ({args.epochs} U-Net + "
-        f"{args.head_epochs} head epochs, M=16), FOV {args.fov_mm:g} mm; {args.n_test} test "
-        f"subjects per domain (seed {TEST_SEED}), {args.n_unseen} unseen (seed {UNSEEN_SEED}); "
+        f"{args.head_epochs} head epochs, M=16; early head under {args.head_statistics} "
+        f"statistics, augmentation {args.head_augmentation}), FOV {args.fov_mm:g} mm; "
+        f"{args.n_test} test subjects per domain (seed {TEST_SEED}), {args.n_unseen} unseen "
+        f"(seed {UNSEEN_SEED}); "
         f"refinement: Adam lr {args.refine_lr:g}"
         + (
             " (batch-norm statistics only, the plain mean of the refinement's batch statistics)"
@@ -585,6 +607,9 @@ def main() -> int:
     parser.add_argument(
         "--head-statistics", choices=["scan", "source"], default=defaults.HEAD_STATISTICS
     )
+    parser.add_argument(
+        "--head-augmentation", choices=["intensity", "none"], default=defaults.HEAD_AUGMENTATION
+    )
     parser.add_argument("--refine-epochs", type=int, default=10)
     parser.add_argument(
         "--refine-lr",
@@ -639,7 +664,8 @@ def main() -> int:
                     else "the product default (batch-norm statistics, lr 0)"
                     if args.statistics_average == defaults.REFINE_STATISTICS_AVERAGE
                     else f"batch-norm statistics, lr 0, {args.statistics_average} average"
-                ),
+                )
+                + head_options(args),
                 text,
             )
             print(f"wrote {args.out}")

@@ -241,7 +241,7 @@ def refine_scan(
         )
     return {
         "case": image.name.replace("_0000.nii.gz", ""),
-        "model": f"{spec.name}@{spec.version}",
+        "model": spec.ref,
         "spacing_mm": list(spacing),
         "start_consistency": start_consistency,
         "start_entropy": base.mean_entropy,
@@ -283,7 +283,7 @@ def collect(args: argparse.Namespace) -> None:
             for domain in args.domains:
                 for index, image in enumerate(case_paths(task, domain, seed, n, args)):
                     path = record_path(args, task, domain, seed, index)
-                    model = f"{spec.name}@{spec.version}"
+                    model = spec.ref
                     if path.exists() and json.loads(path.read_text())["model"] == model:
                         continue
                     record = refine_scan(spec, tensors, image, config)
@@ -998,7 +998,7 @@ def steps(args: argparse.Namespace) -> None:
                         if default
                         else args.work / "records-steps" / args.numerics / name
                     )
-                    model = f"{spec.name}@{spec.version}"
+                    model = spec.ref
                     if not path.exists() or json.loads(path.read_text())["model"] != model:
                         config = RefineConfig(learning_rate=lr, precision=args.precision)
                         record = refine_scan(spec, tensors, image, config, rule)

@@ -100,7 +100,10 @@ def main() -> int:
                     for labels in (p.early, p.final)
                 )  # fmt: skip
                 consistency = foreground_dice(p.early, p.final, classes)
-                label = f"v{model.version} ({model.training.head_statistics})"
+                label = (
+                    f"v{model.version} ({model.training.head_statistics}, "
+                    f"{model.training.head_augmentation})"
+                )
                 cells.append(f"{label}: early {early:.3f} SC {consistency:.3f}")
             print(f"{args.task} {domain} w {weight:g}: final {final:.3f} | " + " | ".join(cells),
                   flush=True)  # fmt: skip

@@ -151,6 +151,7 @@ def main() -> int:
         "--test-seed", type=int, default=TEST_SEED,
         help=f"the scans to test on ({TEST_SEED}: the benchmark's; {UNSEEN_SEED}: others)",
     )  # fmt: skip
+    parser.add_argument("--version", type=int, help="of the base model (default: the latest)")
     parser.add_argument("--passes", type=int, default=defaults.REFINE_STATISTICS_PASSES)
     parser.add_argument("--weights", type=float, nargs="*", default=[0.5, 0.75])
     parser.add_argument(
@@ -175,7 +176,8 @@ def main() -> int:
     args = parser.parse_args()
 
     registry = BaseModelRegistry(args.work / "home" / "models")
-    spec = registry.spec(f"bench-{args.task}")
+    model = f"bench-{args.task}" + (f"@{args.version}" if args.version else "")
+    spec = registry.spec(model)
     tensors = registry.tensors(spec)
     classes = len(spec.classes)
     foreground = {k: v for k, v in spec.classes.items() if k}

@@ -96,16 +96,14 @@ class BaseModelRegistry:
                 f"model {name}@{version}: unreadable spec ({error.error_count()} error(s))"
             ) from None
         if (spec.name, spec.version) != (name, version):
-            raise ModelStoreError(f"model {name}@{version}: spec names {spec.name}@{spec.version}")
+            raise ModelStoreError(f"model {name}@{version}: spec names {spec.ref}")
         return spec
 
     def payload(self, spec: ModelSpec) -> bytes:
         """The verified bytes of a resolved spec's weights file."""
         payload = self.backend.read(f"{spec.name}/{spec.version}/{WEIGHTS_FILE}")
         if sha256_bytes(payload) != spec.sha256:
-            raise ModelStoreError(
-                f"model {spec.name}@{spec.version}: weights fail their checksum (corrupt file)"
-            )
+            raise ModelStoreError(f"model {spec.ref}: weights fail their checksum (corrupt file)")
         return payload
 
     def tensors(self, spec: ModelSpec) -> Tensors:
@@ -115,5 +113,5 @@ class BaseModelRegistry:
             return load_tensors(payload)
         except Exception as error:  # safetensors raises its own error types
             raise ModelStoreError(
-                f"model {spec.name}@{spec.version}: unreadable weights ({type(error).__name__})"
+                f"model {spec.ref}: unreadable weights ({type(error).__name__})"
             ) from None

@@ -40,6 +40,9 @@ class TrainingInfo(BaseModel):
     # BN statistics the early head was trained under (worker.training); specs written before
     # the option existed were trained with the source's
     head_statistics: Literal["scan", "source"] = "source"
+    # intensity augmentation of the early head's slices (worker.augmentation); "none" before
+    # the option existed
+    head_augmentation: Literal["intensity", "none"] = "none"
     batch_size: int
     seed: int
     seconds: float
@@ -69,6 +72,11 @@ class ModelSpec(BaseModel):
     @classmethod
     def _name_ok(cls, value: str) -> str:
         return check_name("model", value)
+
+    @property
+    def ref(self) -> str:
+        """``NAME@VERSION``: this version, whatever is registered after it."""
+        return f"{self.name}@{self.version}"
 
     @property
     def foreground(self) -> dict[int, str]:

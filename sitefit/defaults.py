@@ -27,6 +27,12 @@ HEAD_LR = 1e-2
 # versions, and its cardiac head found almost nothing (docs/method.md, "What the save rule
 # sees").
 HEAD_STATISTICS: Final = "source"
+# Intensity augmentation of the early head's training slices ("intensity" or "none"; the
+# U-Net is never augmented, as in the paper; worker/augmentation.py). "intensity" made the
+# cardiac head's Dice(early, final) rise along the statistics path, so a cardiac site saved
+# a version it had not, and made no brain site save one (docs/method.md, "What the save rule
+# sees"): not the default.
+HEAD_AUGMENTATION: Final = "none"
 TRAIN_BATCH_SIZE = 16
 VALIDATION_FRACTION = 0.2
 SEED = 0

@@ -18,6 +18,7 @@ from model_store.base_models import BaseModelRegistry
 from model_store.spec import ModelSpec, TrainingInfo, Validation, check_name
 from sitefit import defaults
 from sitefit.exceptions import InvalidInputError
+from worker.augmentation import augment_intensity
 from worker.dataset import Slices, load_slices, read_dataset
 from worker.inference import foreground_dice, predict
 from worker.nets import NetConfig, SegmentationNet, supervised_loss
@@ -26,6 +27,7 @@ from worker.weights import architecture_of, to_numpy
 
 Log = Callable[[str], None]
 HeadStatistics = Literal["scan", "source"]
+HeadAugmentation = Literal["intensity", "none"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class TrainConfig:
     learning_rate: float = defaults.TRAIN_LR
     head_learning_rate: float = defaults.HEAD_LR
     head_statistics: HeadStatistics = defaults.HEAD_STATISTICS
+    head_augmentation: HeadAugmentation = defaults.HEAD_AUGMENTATION
     seed: int = defaults.SEED
     base_channels: int = defaults.BASE_CHANNELS
     levels: int = defaults.LEVELS
@@ -53,6 +56,10 @@ class TrainConfig:
         if self.head_statistics not in ("scan", "source"):
             raise InvalidInputError(
                 f"head statistics must be 'scan' or 'source', not {self.head_statistics!r}"
+            )
+        if self.head_augmentation not in ("intensity", "none"):
+            raise InvalidInputError(
+                f"head augmentation must be 'intensity' or 'none', not {self.head_augmentation!r}"
             )
 
 
@@ -135,6 +142,7 @@ def train_base_model(
             learning_rate=config.learning_rate,
             head_learning_rate=config.head_learning_rate,
             head_statistics=config.head_statistics,
+            head_augmentation=config.head_augmentation,
             batch_size=config.batch_size,
             seed=config.seed,
             seconds=round(time.perf_counter() - started, 2),
@@ -166,24 +174,34 @@ def train_early_head(
     ``config.head_statistics`` "scan" every batch is drawn from one training scan and the BN
     layers normalise with that scan's own statistics (as the statistics-only refinement
     computes them), so the head learns to read features in the regime refinement moves a
-    target scan to; the U-Net's running statistics are restored bitwise afterwards.
+    target scan to; the U-Net's running statistics are restored bitwise afterwards. With
+    ``config.head_augmentation`` "intensity" the head sees every slice re-imaged as another
+    scanner might (``worker.augmentation``).
     """
     net.requires_grad_(False)
     net.early_head.requires_grad_(True)
     optimizer = torch.optim.Adam(net.early_head.parameters(), lr=config.head_learning_rate)
     per_scan = config.head_statistics == "scan"
+    augment = config.head_augmentation == "intensity"
     source = _running_statistics(snapshot(net)) if per_scan else {}
     statistics = [
         scan_statistics(net, torch.from_numpy(train.images[start:stop]).to(device), num_classes)
-        for start, stop in (train.case_ranges if per_scan else [])
+        for start, stop in (train.case_ranges if per_scan and not augment else [])
     ]
     for epoch in range(1, config.head_epochs + 1):
         net.eval()
         tick = time.perf_counter()
         losses = []
-        for case, images, labels in _head_batches(train, config, generator, device):
-            if case is not None:
-                net.load_state_dict(statistics[case], strict=False)
+        if per_scan:
+            batches = _scan_batches(
+                train, config.batch_size, generator, device, net, num_classes, statistics, augment
+            )
+        else:
+            batches = (
+                (augment_intensity(images, generator) if augment else images, labels)
+                for images, labels in _batches(train, config.batch_size, generator, device)
+            )
+        for images, labels in batches:
             with torch.no_grad():
                 features = net.init_path(images)
             loss = supervised_loss(net.early_head(features), labels)
@@ -205,35 +223,34 @@ def _running_statistics(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return {k: v for k, v in state.items() if is_running_statistic(k)}
 
 
-def _head_batches(
-    slices: Slices, config: TrainConfig, generator: torch.Generator, device: torch.device
-) -> Iterator[tuple[int | None, torch.Tensor, torch.Tensor]]:
-    """The early head's batches: (scan index, images, labels), the index None with
-    ``head_statistics`` "source" (batches mix scans as the U-Net's do)."""
-    if config.head_statistics == "scan":
-        yield from _scan_batches(slices, config.batch_size, generator, device)
-    else:
-        for images, labels in _batches(slices, config.batch_size, generator, device):
-            yield None, images, labels
-
-
 def _scan_batches(
-    slices: Slices, batch_size: int, generator: torch.Generator, device: torch.device
-) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """Shuffled batches that never mix scans: the scans in random order, each one's slices
-    shuffled; yields (scan index, images, labels)."""
+    slices: Slices,
+    batch_size: int,
+    generator: torch.Generator,
+    device: torch.device,
+    net: SegmentationNet,
+    num_classes: int,
+    statistics: list[dict[str, torch.Tensor]],
+    augment: bool,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Shuffled batches that never mix scans, with ``net``'s BN layers set to each scan's
+    own statistics while its batches are used: the scans in random order, each one's slices
+    shuffled. ``statistics`` holds every scan's; with ``augment`` each scan is first
+    re-imaged as a whole and its statistics computed on the result."""
     for case in torch.randperm(len(slices.case_ranges), generator=generator).tolist():
         start, stop = slices.case_ranges[case]
-        order = (torch.randperm(stop - start, generator=generator) + start).numpy()
+        scan = torch.from_numpy(slices.images[start:stop]).to(device)
+        if augment:
+            scan = augment_intensity(scan, generator, one_scan=True)
+            net.load_state_dict(scan_statistics(net, scan, num_classes), strict=False)
+        else:
+            net.load_state_dict(statistics[case], strict=False)
+        order = torch.randperm(stop - start, generator=generator).numpy()
         for first in range(0, len(order), batch_size):
             index = np.sort(order[first : first + batch_size])
             if len(index) < 2:
                 continue
-            yield (
-                case,
-                torch.from_numpy(slices.images[index]).to(device),
-                torch.from_numpy(slices.labels[index]).to(device),
-            )
+            yield scan[index], torch.from_numpy(slices.labels[index + start]).to(device)
 
 
 def _batches(

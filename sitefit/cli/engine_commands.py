@@ -49,6 +49,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="BN statistics the early head is trained under: each training scan's own, or the "
         "source's running statistics",
     )
+    train.add_argument(
+        "--head-augmentation",
+        choices=["intensity", "none"],
+        default=defaults.HEAD_AUGMENTATION,
+        help="re-image the early head's training slices as another scanner might",
+    )
     train.add_argument("--seed", type=int, default=defaults.SEED)
     train.add_argument("--base-channels", type=int, default=defaults.BASE_CHANNELS)
     train.add_argument("--slice-axis", type=int, default=2, help="canonical (RAS) axis, 0-2")
@@ -102,6 +108,7 @@ def run_train(args: argparse.Namespace) -> int:
         learning_rate=args.lr,
         head_learning_rate=args.head_lr,
         head_statistics=args.head_statistics,
+        head_augmentation=args.head_augmentation,
         seed=args.seed,
         base_channels=args.base_channels,
         slice_axis=args.slice_axis,

@@ -108,13 +108,13 @@ def models_show(args: argparse.Namespace) -> int:
 
 def models_import(args: argparse.Namespace) -> int:
     spec = _store(args).import_(args.path)
-    line = f"imported {spec.name}@{spec.version} (sha256 {spec.sha256[:12]}) from {args.path}"
+    line = f"imported {spec.ref} (sha256 {spec.sha256[:12]}) from {args.path}"
     return _emit(args, spec.model_dump(mode="json"), [line])
 
 
 def models_export(args: argparse.Namespace) -> int:
     spec = _store(args).export(args.ref, args.path, overwrite=args.force)
-    line = f"exported {spec.name}@{spec.version} (sha256 {spec.sha256[:12]}) to {args.path}"
+    line = f"exported {spec.ref} (sha256 {spec.sha256[:12]}) to {args.path}"
     return _emit(args, {"model": spec.model_dump(mode="json"), "path": str(args.path)}, [line])
 
 
@@ -129,7 +129,7 @@ def _model_line(spec: ModelSpec, versions: list[int]) -> str:
 def _spec_lines(spec: ModelSpec) -> list[str]:
     arch, training, validation = spec.architecture, spec.training, spec.validation
     return [
-        f"model        {spec.name}@{spec.version}",
+        f"model        {spec.ref}",
         f"sha256       {spec.sha256}",
         f"created      {spec.created:%Y-%m-%d %H:%M:%S %Z} (sitefit {spec.sitefit_version})",
         f"classes      {', '.join(f'{k}: {v}' for k, v in sorted(spec.classes.items()))}",
