@@ -98,13 +98,15 @@ def cases(task: str, domain: str, n: int, seed: int, fov: float, work: Path) -> 
     return [Case(i, lab) for i, lab in zip(images, labels, strict=True)]
 
 
-def head_options(args: argparse.Namespace) -> str:
-    """How the early head was trained, for a section title; "" with the defaults."""
+def side_options(args: argparse.Namespace) -> str:
+    """How the early head was trained and when a site saves its first version, for a
+    section title; "" with the defaults."""
     options = [
         f"{name} {value}"
         for name, value, default in (
             ("head statistics", args.head_statistics, defaults.HEAD_STATISTICS),
             ("head augmentation", args.head_augmentation, defaults.HEAD_AUGMENTATION),
+            ("site first save", args.site_first_save, defaults.SITE_FIRST_SAVE),
         )
         if value != default
     ]
@@ -281,7 +283,8 @@ def make_engine(args: argparse.Namespace, home: Path, batchnorm: str, sites: Pat
     settings = Settings(home=home, device="cpu", refine_batchnorm=batchnorm,  # type: ignore[arg-type]
                         refine_max_epochs=args.refine_epochs,
                         refine_lr=args.refine_lr,
-                        refine_statistics_average=args.statistics_average)  # fmt: skip
+                        refine_statistics_average=args.statistics_average,
+                        site_first_save=args.site_first_save)  # fmt: skip
     return Engine(
         settings,
         ModelStore(models=FilesystemBackend(home / "models"), sites=FilesystemBackend(sites)),
@@ -610,6 +613,9 @@ def main() -> int:
     parser.add_argument(
         "--head-augmentation", choices=["intensity", "none"], default=defaults.HEAD_AUGMENTATION
     )
+    parser.add_argument(
+        "--site-first-save", choices=["beats_start", "guarded"], default=defaults.SITE_FIRST_SAVE
+    )
     parser.add_argument("--refine-epochs", type=int, default=10)
     parser.add_argument(
         "--refine-lr",
@@ -665,7 +671,7 @@ def main() -> int:
                     if args.statistics_average == defaults.REFINE_STATISTICS_AVERAGE
                     else f"batch-norm statistics, lr 0, {args.statistics_average} average"
                 )
-                + head_options(args),
+                + side_options(args),
                 text,
             )
             print(f"wrote {args.out}")

@@ -152,6 +152,10 @@ def main() -> int:
         help=f"the scans to test on ({TEST_SEED}: the benchmark's; {UNSEEN_SEED}: others)",
     )  # fmt: skip
     parser.add_argument("--version", type=int, help="of the base model (default: the latest)")
+    parser.add_argument(
+        "--site-scans", type=int, default=1,
+        help="also the --weights variants of the 2nd..Nth site scan, each judged on its scan",
+    )  # fmt: skip
     parser.add_argument("--passes", type=int, default=defaults.REFINE_STATISTICS_PASSES)
     parser.add_argument("--weights", type=float, nargs="*", default=[0.5, 0.75])
     parser.add_argument(
@@ -188,17 +192,30 @@ def main() -> int:
         reference = load_label_map(case.label, like=scan)
         return prepare_scan(scan, spec.slice_axis, device), reference, scan.spacing_mm
 
-    site_case = cases(args.task, args.domain, 1, SITE_SEED, args.fov_mm, args.work)[0]
+    site_cases = cases(args.task, args.domain, args.site_scans, SITE_SEED, args.fov_mm, args.work)
     test = cases(args.task, args.domain, args.n_test, args.test_seed, args.fov_mm, args.work)
-    site_scan, _, site_spacing = load(site_case)
+    site_scans = [load(case) for case in site_cases]
+    site_scan = site_scans[0][0]
     base_state = mutable_state(build_net(spec, tensors, device))
-    site_net = build_net(spec, tensors, device)
-    site_state = scan_statistics(site_net, site_scan.slices, classes, args.passes)
+    site_states = [
+        scan_statistics(build_net(spec, tensors, device), scan.slices, classes, args.passes)
+        for scan, _, _ in site_scans
+    ]
+    site_state = site_states[0]
 
     variants: dict[str, dict[str, torch.Tensor] | None] = {"base": base_state, "own": None}
     variants["site"] = site_state
     for weight in args.weights:
         variants[f"site@{weight:g}"] = interpolate_statistics(base_state, site_state, weight)
+    # the same from each further site scan, judged on that scan: "site2@0.75", "base2"
+    scan_of: dict[str, int] = {}
+    for index, state in enumerate(site_states[1:], start=2):
+        variants[f"base{index}"] = base_state
+        scan_of[f"base{index}"] = index - 1
+        for weight in args.weights:
+            name = f"site{index}@{weight:g}"
+            variants[name] = interpolate_statistics(base_state, state, weight)
+            scan_of[name] = index - 1
     for pair in args.mean_var:
         mean_weight, var_weight = (float(x) for x in pair.split(":"))
         variants[f"site@m{mean_weight:g}v{var_weight:g}"] = split_statistics(
@@ -231,11 +248,12 @@ def main() -> int:
     consistency = {}
     for name, state in variants.items():
         if state is not None:
+            judged, _, spacing = site_scans[scan_of.get(name, 0)]
             net = build_net(spec, tensors, device)
             net.load_state_dict(state, strict=False)
-            p = predict(net, site_scan.slices, defaults.REFINE_BATCH_SIZE)
-            early, final = site_scan.volume(p.early), site_scan.volume(p.final)
-            surface = overlap_per_class(early, final, foreground, site_spacing, 1.0)
+            p = predict(net, judged.slices, defaults.REFINE_BATCH_SIZE)
+            early, final = judged.volume(p.early), judged.volume(p.final)
+            surface = overlap_per_class(early, final, foreground, spacing, 1.0)
             consistency[name] = (
                 foreground_dice(p.early, p.final, classes),
                 float(np.mean([f["surface_dice"] or 0.0 for f in surface.values()])),

@@ -15,6 +15,7 @@ from sitefit import defaults
 BatchNormMode = Literal["train", "frozen"]
 StatisticsAverage = Literal["cumulative", "momentum"]  # worker.refinement.RefineConfig
 SiteStatistics = Literal["pooled", "latest"]  # worker.site_update
+SiteFirstSave = Literal["beats_start", "guarded"]  # worker.engine
 
 
 class Settings(BaseSettings):
@@ -91,6 +92,13 @@ class Settings(BaseSettings):
         description="with refine_lr 0: how many scans the base model's batch-norm statistics "
         "weigh in a site version's pool (0: the scans' alone); a version refined on one scan "
         "holds statistics 1 / (1 + prior) of the way from the base model's to the scan's",
+    )
+    site_first_save: SiteFirstSave = Field(
+        default=defaults.SITE_FIRST_SAVE,
+        description="when a site's first version is saved: 'beats_start', like every later "
+        "version, only when its self-consistency on the scan beats the base model's; "
+        "'guarded', whenever the guard kept a refinement of the scan (later versions must "
+        "still beat the version they started from)",
     )
     model_cache_bytes: int = Field(
         default=defaults.MODEL_CACHE_BYTES, ge=0, description="warm site-model cache budget"

@@ -11,7 +11,7 @@ Site policy for a scan of site S (``Report.mode_used`` and ``mode_reason`` say w
 - ``cached``: S's latest weights as they are; the base model when S has none usable.
 - ``adapt``: one-shot refinement on this scan, warm-started from S's weights when present;
   the result becomes S's next version only when the guard kept it and its self-consistency
-  beats the weights it started from.
+  beats the weights it started from (S's first version: see ``Settings.site_first_save``).
 - ``auto``: S's weights as they are (the fast path) when their self-consistency on this scan
   reaches ``Settings.auto_threshold``, or comes within ``Settings.auto_margin`` of the
   self-consistency they reached on the scan they were refined on; otherwise as ``adapt``.
@@ -20,6 +20,7 @@ Site policy for a scan of site S (``Report.mode_used`` and ``mode_reason`` say w
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,12 +56,11 @@ from worker.preprocess import PreparedScan, prepare_scan
 from worker.refinement import (
     RefineConfig,
     RefinementResult,
-    is_running_statistic,
     mutable_state,
     refine,
 )
 from worker.report_blocks import guard_block, refinement_block, rounded
-from worker.site_update import site_delta, version_statistics
+from worker.site_update import base_statistics, site_delta, version_statistics
 from worker.stopwatch import Stopwatch
 from worker.weights import build_net, load_numpy
 
@@ -364,24 +364,29 @@ class Engine:
         they are the output's. When they do not beat the start and this scan's output
         (``net``, what the guard kept) does, the output's weights are saved instead: the
         pooled statistics are an estimate for the site's other scans, and a refinement that
-        helped this scan should not leave the site without a version.
+        helped this scan should not leave the site without a version. With
+        ``Settings.site_first_save`` "guarded" a site's first version need not beat the base
+        model: the guard kept a refinement of this scan, and that is the bar.
         """
         classes = len(spec.classes)
         scans = (started_from.scans_refined if started_from else 0) + 1
         candidates = [(net, after)]
         if self.settings.refine_lr == 0:
             kept = mutable_state(net)
-            state = version_statistics(
-                self._base_statistics(spec, scan_state), start_state, scan_state, scans - 1,
-                self.settings.site_statistics_prior, self.settings.site_statistics,
-            )  # fmt: skip
+            base = base_statistics(self._base_tensors[spec.sha256], scan_state)
+            state = version_statistics(base, start_state, scan_state, scans - 1,
+                                       self.settings.site_statistics_prior,
+                                       self.settings.site_statistics)  # fmt: skip
             if any(not torch.equal(state[k], kept[k]) for k in state):
                 pooled = copy.deepcopy(net)
                 load_numpy(pooled, {k: v.cpu().numpy() for k, v in state.items()}, strict=False)
                 prediction = predict(pooled, prepared.slices, self.settings.refine_batch_size)
                 candidates.insert(0, (pooled, prediction))
+        bar = start_consistency
+        if started_from is None and self.settings.site_first_save == "guarded":
+            bar = -math.inf
         scored = ((c, foreground_dice(p.early, p.final, classes)) for c, p in candidates)
-        chosen = next(((c, score) for c, score in scored if score > start_consistency), None)
+        chosen = next(((c, score) for c, score in scored if score > bar), None)
         if chosen is None:
             return
         candidate, consistency = chosen
@@ -395,14 +400,3 @@ class Engine:
         )  # fmt: skip
         outcome.site_saved, outcome.site_saved_consistency = saved, consistency
         self.site_models.put(CacheKey(site, spec.name, saved.version, spec.sha256), candidate)
-
-    def _base_statistics(
-        self, spec: ModelSpec, like: dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        """The base model's BN running statistics, on the device of ``like``'s tensors."""
-        base = self._base_tensors[spec.sha256]
-        return {
-            key: torch.from_numpy(base[key]).to(value.device)
-            for key, value in like.items()
-            if is_running_statistic(key)
-        }

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from sitefit.settings import SiteStatistics
-from worker.refinement import interpolate_statistics
+from worker.refinement import interpolate_statistics, is_running_statistic
 
 
 def pooled_state(
@@ -67,3 +67,15 @@ def site_delta(
         if not np.array_equal(array, base[key]):
             delta[key] = array.copy()
     return delta
+
+
+def base_statistics(
+    base: dict[str, np.ndarray], like: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The BN running statistics of the base model's tensors ``base``, on the device of
+    ``like``'s."""
+    return {
+        key: torch.from_numpy(base[key]).to(value.device)
+        for key, value in like.items()
+        if is_running_statistic(key)
+    }

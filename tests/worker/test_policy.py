@@ -341,3 +341,32 @@ def test_adapt_saves_this_scans_output_when_the_pooled_statistics_do_not_beat_th
     assert saved.self_consistency_saved == pytest.approx(after, abs=1e-6)  # the output's
     stored = _statistics(engine, "out", consistent_brain_model)
     assert any(not np.array_equal(stored[k], seeded[k]) for k in seeded)
+
+
+@pytest.mark.parametrize("rule", ["beats_start", "guarded"])
+def test_a_sites_first_version_is_saved_by_the_first_save_rule(
+    engine: Engine, consistent_brain_model: str, shifted_brain_case: PhantomCase, rule: str
+) -> None:
+    """On this scan the guard keeps a refinement whose Dice(early, final) falls: issue 3's
+    rule saves no first version, "guarded" does; later versions must beat their start."""
+    engine.settings = engine.settings.model_copy(update={"site_first_save": rule})
+    scan = shifted_brain_case.image
+    report = engine.run(SegmentRequest(scan, consistent_brain_model, "first", "adapt")).report
+    before, after = report.self_consistency.before.dice, report.self_consistency.after.dice
+    assert report.guard is not None and report.guard.verdict == "kept"
+    assert before is not None and after is not None and after < before, "premise: it falls"
+    saved = report.site_weights
+    history = engine.store.sites.history("first", consistent_brain_model)
+    if rule == "beats_start":
+        assert saved.saved_version is None and history == []
+        return
+    assert saved.saved_version == 1 and len(history) == 1
+    assert saved.self_consistency_saved is not None and saved.self_consistency_saved < before
+    again = engine.run(SegmentRequest(scan, consistent_brain_model, "first", "adapt")).report
+    assert again.site_weights.used_version == 1
+    start = again.site_weights.self_consistency_on_scan
+    if again.site_weights.saved_version is not None:
+        assert start is not None and again.site_weights.self_consistency_saved is not None
+        assert again.site_weights.self_consistency_saved > start
+    else:
+        assert len(engine.store.sites.history("first", consistent_brain_model)) == 1
