@@ -10,7 +10,8 @@ Dice against the ground truth and Dice(early, final), for each ``--versions`` of
 benchmark's base model, labelled with the statistics its early head was trained under
 (``sitefit train --head-statistics``): ``source``, the U-Net's running statistics, or
 ``scan``, each training scan's own, the regime the statistics-only refinement moves a target
-scan to. Versions trained with the same data, epochs and seed share the U-Net bitwise.
+scan to; and with its slices' augmentation (``--head-augmentation``: ``none`` or
+``intensity``). Versions trained with the same data, epochs and seed share the U-Net bitwise.
 
 It reads the models and cases that ``bench/adapt_quality.py --work var/bench-stats`` wrote
 (trained once with ``--head-statistics source``, once with ``scan``), e.g.::
