@@ -88,6 +88,11 @@ class SiteWeights(BaseModel):
     saved_scans: int | None = Field(
         default=None, description="scans the saved version was refined on (its statistics pool)"
     )
+    save_reason: str | None = Field(
+        default=None,
+        description="why this job saved a site version, or did not (null without a site or "
+        "without refinement)",
+    )
 
 
 class Guard(BaseModel):

@@ -20,7 +20,6 @@ Site policy for a scan of site S (``Report.mode_used`` and ``mode_reason`` say w
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from model_store import ModelStore
 from model_store.sites import SiteVersion, check_site
 from model_store.spec import ModelSpec
 from sitefit.exceptions import ModelStoreError
-from sitefit.report import Mode, ModelIdentity, Report, SiteWeights
+from sitefit.report import Mode, ModelIdentity, Report
 from sitefit.settings import Settings
 from sitefit.volume import load_label_map, load_scan, mask_to_image
 from worker.cache import CacheKey, ModelCache
@@ -59,8 +58,13 @@ from worker.refinement import (
     mutable_state,
     refine,
 )
-from worker.report_blocks import guard_block, refinement_block, rounded
-from worker.site_update import base_statistics, site_delta, version_statistics
+from worker.report_blocks import guard_block, refinement_block, site_weights_block
+from worker.site_update import (
+    base_statistics,
+    choose_version,
+    site_delta,
+    version_statistics,
+)
 from worker.stopwatch import Stopwatch
 from worker.weights import build_net, load_numpy
 
@@ -107,6 +111,7 @@ class _Outcome:
     site_saved: SiteVersion | None = None
     site_consistency: float | None = None  # the site weights' Dice(early, final) on this scan
     site_saved_consistency: float | None = None  # the saved version's, on this scan
+    site_save_reason: str | None = None
 
 
 class Engine:
@@ -201,15 +206,12 @@ class Engine:
             mode_requested=request.mode,
             mode_used=outcome.mode_used,
             mode_reason=outcome.reason,
-            site_weights=SiteWeights(
-                used_version=outcome.site_used.version if outcome.site_used else None,
-                saved_version=outcome.site_saved.version if outcome.site_saved else None,
-                self_consistency_on_scan=rounded(outcome.site_consistency),
-                self_consistency_when_saved=outcome.site_used.self_consistency_after
-                if outcome.site_used
-                else None,
-                self_consistency_saved=rounded(outcome.site_saved_consistency),
-                saved_scans=outcome.site_saved.scans_refined if outcome.site_saved else None,
+            site_weights=site_weights_block(
+                outcome.site_used,
+                outcome.site_saved,
+                outcome.site_consistency,
+                outcome.site_saved_consistency,
+                outcome.site_save_reason,
             ),
             tolerance_mm=self.settings.tolerance_mm,
             device=describe(self.device),
@@ -330,7 +332,10 @@ class Engine:
         used = site.version if site else None
         if kept is None:
             load_numpy(net, {k: v.cpu().numpy() for k, v in start_state.items()}, strict=False)
-            return _Outcome("adapt", reason, start, result, verdict, site_used=used)
+            outcome = _Outcome("adapt", reason, start, result, verdict, site_used=used)
+            if request.site is not None:
+                outcome.site_save_reason = "not saved: the guard reverted the refinement"
+            return outcome
         kept_state = result.states[kept - 1]
         load_numpy(net, {k: v.cpu().numpy() for k, v in kept_state.items()}, strict=False)
         after = result.predictions[kept - 1]
@@ -366,11 +371,12 @@ class Engine:
         pooled statistics are an estimate for the site's other scans, and a refinement that
         helped this scan should not leave the site without a version. With
         ``Settings.site_first_save`` "guarded" a site's first version need not beat the base
-        model: the guard kept a refinement of this scan, and that is the bar.
+        model: the guard kept a refinement of this scan, and that is the bar
+        (:func:`worker.site_update.choose_version`, which also words the report's reason).
         """
         classes = len(spec.classes)
         scans = (started_from.scans_refined if started_from else 0) + 1
-        candidates = [(net, after)]
+        candidates = [("this scan's output", net, after)]
         if self.settings.refine_lr == 0:
             kept = mutable_state(net)
             base = base_statistics(self._base_tensors[spec.sha256], scan_state)
@@ -381,15 +387,14 @@ class Engine:
                 pooled = copy.deepcopy(net)
                 load_numpy(pooled, {k: v.cpu().numpy() for k, v in state.items()}, strict=False)
                 prediction = predict(pooled, prepared.slices, self.settings.refine_batch_size)
-                candidates.insert(0, (pooled, prediction))
-        bar = start_consistency
-        if started_from is None and self.settings.site_first_save == "guarded":
-            bar = -math.inf
-        scored = ((c, foreground_dice(p.early, p.final, classes)) for c, p in candidates)
-        chosen = next(((c, score) for c, score in scored if score > bar), None)
+                candidates.insert(0, ("the pooled statistics", pooled, prediction))
+        scores = [(name, foreground_dice(p.early, p.final, classes)) for name, _, p in candidates]
+        chosen, outcome.site_save_reason = choose_version(
+            scores, start_consistency, started_from is None, self.settings.site_first_save
+        )
         if chosen is None:
             return
-        candidate, consistency = chosen
+        candidate, consistency = candidates[chosen][1], scores[chosen][1]
         delta = site_delta(mutable_state(candidate), self._base_tensors[spec.sha256])
         saved = self.store.sites.append(
             site, spec, delta,

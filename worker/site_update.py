@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sitefit.settings import SiteStatistics
+from sitefit.settings import SiteFirstSave, SiteStatistics
 from worker.refinement import interpolate_statistics, is_running_statistic
 
 
@@ -79,3 +79,28 @@ def base_statistics(
         for key, value in like.items()
         if is_running_statistic(key)
     }
+
+
+def choose_version(
+    scores: list[tuple[str, float]], start: float, first: bool, first_save: SiteFirstSave
+) -> tuple[int | None, str]:
+    """Which candidate becomes the site's next version, and why (the report's
+    ``site_weights.save_reason``).
+
+    ``scores`` names each candidate, in order of preference, with its Dice(early, final) on
+    the scan; ``start`` is that of the weights the refinement started from. The first
+    candidate that beats ``start`` is chosen; with ``first_save`` "guarded" a site's
+    ``first`` version is the first candidate whatever its figure (the guard kept the
+    refinement). Returns (index or None, reason).
+    """
+    figures = ", ".join(f"{name} {score:.3f}" for name, score in scores)
+    if first and first_save == "guarded" and scores:
+        name, score = scores[0]
+        return 0, (
+            f"the site's first version, kept by the guard: {name} (Dice(early, final) "
+            f"{score:.3f}, the start's {start:.3f}; site_first_save 'guarded')"
+        )
+    for index, (name, score) in enumerate(scores):
+        if score > start:
+            return index, f"{name} beats the start's Dice(early, final) {start:.3f}: {figures}"
+    return None, f"not saved: none beats the start's Dice(early, final) {start:.3f}: {figures}"

@@ -156,6 +156,8 @@ def test_adapt_saves_a_site_version_only_when_kept_and_better(
     before, after = report.self_consistency.before.dice, report.self_consistency.after.dice
     improved = report.guard.verdict == "kept" and report.site_weights.saved_version is not None
     assert len(history) == (1 if improved else 0)
+    assert report.site_weights.save_reason is not None
+    assert report.site_weights.save_reason.startswith("not saved") is not improved
     if improved:
         assert history[0].self_consistency_after > history[0].self_consistency_before
         assert after is not None and before is not None
@@ -203,9 +205,11 @@ def test_refinement_failing_the_guard_is_reverted_to_the_base_output(
     assert report.guard is not None and report.guard.verdict == "reverted", report.guard
     assert "agreement" in report.guard.reason
     assert report.site_weights.saved_version is None
+    assert report.site_weights.save_reason == "not saved: the guard reverted the refinement"
     assert engine.store.sites.history("s8", brain_model) == []
     base = engine.run(SegmentRequest(shifted_brain_case.image, brain_model, None, "none"))
     assert np.array_equal(_mask(result), _mask(base))
+    assert base.report.site_weights.save_reason is None
 
 
 def test_self_consistency_threshold_defaults_by_refinement_mode(engine: Engine) -> None:
@@ -359,8 +363,10 @@ def test_a_sites_first_version_is_saved_by_the_first_save_rule(
     history = engine.store.sites.history("first", consistent_brain_model)
     if rule == "beats_start":
         assert saved.saved_version is None and history == []
+        assert saved.save_reason is not None and saved.save_reason.startswith("not saved")
         return
     assert saved.saved_version == 1 and len(history) == 1
+    assert saved.save_reason is not None and "first version, kept by the guard" in saved.save_reason
     assert saved.self_consistency_saved is not None and saved.self_consistency_saved < before
     again = engine.run(SegmentRequest(scan, consistent_brain_model, "first", "adapt")).report
     assert again.site_weights.used_version == 1

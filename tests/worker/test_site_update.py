@@ -6,7 +6,7 @@ import torch
 
 from worker.nets import NetConfig, SegmentationNet
 from worker.refinement import is_running_statistic, mutable_state
-from worker.site_update import pooled_state, site_delta, version_statistics
+from worker.site_update import choose_version, pooled_state, site_delta, version_statistics
 
 
 def _state(offset: float) -> dict[str, torch.Tensor]:
@@ -71,3 +71,21 @@ def test_a_delta_holds_only_what_differs_from_the_base() -> None:
     delta = site_delta(state, base)
     assert list(delta) == [changed]
     np.testing.assert_array_equal(delta[changed], base[changed] + 1)
+
+
+@pytest.mark.parametrize(
+    ("scores", "first", "rule", "chosen", "why"),
+    [
+        ([("pool", 0.7), ("output", 0.9)], False, "beats_start", 1, "output beats the start"),
+        ([("pool", 0.85), ("output", 0.9)], False, "guarded", 0, "pool beats the start"),
+        ([("pool", 0.7), ("output", 0.75)], True, "beats_start", None, "not saved: none beats"),
+        ([("pool", 0.7), ("output", 0.75)], False, "guarded", None, "not saved: none beats"),
+        ([("pool", 0.7), ("output", 0.75)], True, "guarded", 0, "first version, kept by the"),
+    ],
+)
+def test_the_next_version_beats_the_start_unless_it_is_a_guarded_first(
+    scores: list[tuple[str, float]], first: bool, rule: str, chosen: int | None, why: str
+) -> None:
+    index, reason = choose_version(scores, 0.8, first, rule)  # type: ignore[arg-type]
+    assert index == chosen and why in reason, reason
+    assert "0.800" in reason
