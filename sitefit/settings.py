@@ -95,10 +95,10 @@ class Settings(BaseSettings):
     )
     site_first_save: SiteFirstSave = Field(
         default=defaults.SITE_FIRST_SAVE,
-        description="when a site's first version is saved: 'beats_start', like every later "
-        "version, only when its self-consistency on the scan beats the base model's; "
-        "'guarded', whenever the guard kept a refinement of the scan (later versions must "
-        "still beat the version they started from)",
+        description="when a site's first version is saved: 'guarded', whenever the guard "
+        "kept a refinement of the scan (later versions must still beat the version they "
+        "started from); 'beats_start', like every later version, only when its "
+        "self-consistency on the scan beats the base model's",
     )
     model_cache_bytes: int = Field(
         default=defaults.MODEL_CACHE_BYTES, ge=0, description="warm site-model cache budget"
