@@ -24,10 +24,15 @@ V = TypeVar("V", bound=torch.nn.Module)
 
 
 class CacheKey(NamedTuple):
+    """What a site net was built from. A site deleted and saved again starts its versions at
+    1 once more, so the delta's own sha256 is part of the key: a worker never serves a
+    deleted site's weights under a new version's number."""
+
     site: str
     model: str
     site_version: int
     base_sha256: str
+    delta_sha256: str
 
 
 @dataclass(frozen=True)

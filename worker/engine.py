@@ -32,7 +32,7 @@ import sitefit
 from model_store import ModelStore
 from model_store.sites import SiteVersion, check_site
 from model_store.spec import ModelSpec
-from sitefit.exceptions import ModelStoreError
+from sitefit.exceptions import ModelStoreError, VersionConflictError
 from sitefit.report import Mode, ModelIdentity, Report
 from sitefit.settings import Settings
 from sitefit.volume import load_label_map, load_scan, mask_to_image
@@ -66,7 +66,7 @@ from worker.site_update import (
     version_statistics,
 )
 from worker.stopwatch import Stopwatch
-from worker.weights import build_net, load_numpy
+from worker.weights import build_net, load_numpy, load_state
 
 
 @dataclass(frozen=True)
@@ -239,7 +239,7 @@ class Engine:
             latest = self.store.sites.latest(request.site, spec.name)
             if latest is None:
                 return None
-            key = CacheKey(request.site, spec.name, latest.version, spec.sha256)
+            key = CacheKey(request.site, spec.name, latest.version, spec.sha256, latest.sha256)
             net = self.site_models.get(key)
             if net is None:
                 delta = self.store.sites.load(request.site, latest, spec)
@@ -331,13 +331,13 @@ class Engine:
         )
         used = site.version if site else None
         if kept is None:
-            load_numpy(net, {k: v.cpu().numpy() for k, v in start_state.items()}, strict=False)
+            load_state(net, start_state)
             outcome = _Outcome("adapt", reason, start, result, verdict, site_used=used)
             if request.site is not None:
                 outcome.site_save_reason = "not saved: the guard reverted the refinement"
             return outcome
         kept_state = result.states[kept - 1]
-        load_numpy(net, {k: v.cpu().numpy() for k, v in kept_state.items()}, strict=False)
+        load_state(net, kept_state)
         after = result.predictions[kept - 1]
         outcome = _Outcome("adapt", reason, after, result, verdict, site_used=used)
         if request.site is not None:
@@ -359,20 +359,14 @@ class Engine:
         epochs: int,
         outcome: _Outcome,
     ) -> None:
-        """Save the site's next version (what differs from the base model) when its
-        self-consistency on this scan beats that of the weights the refinement started from.
-
-        With the statistics-only refinement the version's batch-norm statistics pool the
-        scan's own (``scan_state``, the refinement's last point) with the base model's and,
-        with ``Settings.site_statistics`` "pooled", the site's earlier scans'
-        (:mod:`worker.site_update`); they are judged by one more pass over this scan unless
-        they are the output's. When they do not beat the start and this scan's output
-        (``net``, what the guard kept) does, the output's weights are saved instead: the
-        pooled statistics are an estimate for the site's other scans, and a refinement that
-        helped this scan should not leave the site without a version. With
-        ``Settings.site_first_save`` "guarded" a site's first version need not beat the base
-        model: the guard kept a refinement of this scan, and that is the bar
-        (:func:`worker.site_update.choose_version`, which also words the report's reason).
+        """Save the site's next version (what differs from the base model) when
+        :func:`worker.site_update.choose_version` picks a candidate: the pooled statistics
+        (with the statistics-only refinement: the scan's own, the refinement's last point,
+        pooled with the base model's and the site's earlier scans', judged by one more pass
+        over this scan) or this scan's output (``net``, what the guard kept). The save is a
+        compare-and-set on ``started_from``: a version pools, and was judged against, the
+        version it started from, so when another job saved one meanwhile this one is not
+        saved (the report says so) rather than dropping that job's scan from the pool.
         """
         classes = len(spec.classes)
         scans = (started_from.scans_refined if started_from else 0) + 1
@@ -385,7 +379,7 @@ class Engine:
                                        self.settings.site_statistics)  # fmt: skip
             if any(not torch.equal(state[k], kept[k]) for k in state):
                 pooled = copy.deepcopy(net)
-                load_numpy(pooled, {k: v.cpu().numpy() for k, v in state.items()}, strict=False)
+                load_state(pooled, state)
                 prediction = predict(pooled, prepared.slices, self.settings.refine_batch_size)
                 candidates.insert(0, ("the pooled statistics", pooled, prediction))
         scores = [(name, foreground_dice(p.early, p.final, classes)) for name, _, p in candidates]
@@ -396,12 +390,22 @@ class Engine:
             return
         candidate, consistency = candidates[chosen][1], scores[chosen][1]
         delta = site_delta(mutable_state(candidate), self._base_tensors[spec.sha256])
-        saved = self.store.sites.append(
-            site, spec, delta,
-            scans_refined=scans,
-            self_consistency_before=round(start_consistency, 6),
-            self_consistency_after=round(consistency, 6),
-            refinement_epochs=epochs,
-        )  # fmt: skip
+        try:  # compare-and-set: the version pools, and was judged against, its start
+            saved = self.store.sites.save(
+                site, spec, delta,
+                expected_version=started_from.version if started_from else None,
+                scans_refined=scans,
+                self_consistency_before=round(start_consistency, 6),
+                self_consistency_after=round(consistency, 6),
+                refinement_epochs=epochs,
+            )  # fmt: skip
+        except VersionConflictError:
+            start = f"version {started_from.version}" if started_from else "the base model"
+            outcome.site_save_reason = (
+                f"not saved: another job saved a version of the site while this one refined "
+                f"from {start} (it would have saved: {outcome.site_save_reason})"
+            )
+            return
         outcome.site_saved, outcome.site_saved_consistency = saved, consistency
-        self.site_models.put(CacheKey(site, spec.name, saved.version, spec.sha256), candidate)
+        key = CacheKey(site, spec.name, saved.version, spec.sha256, saved.sha256)
+        self.site_models.put(key, candidate)

@@ -59,6 +59,16 @@ def load_numpy(
             target.copy_(torch.from_numpy(array))
 
 
+def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy ``state`` (part of ``module``'s own state dict, e.g. a snapshot taken during
+    refinement) into ``module`` in place, tensor to tensor on the device: no round trip
+    through host memory."""
+    current = module.state_dict()
+    with torch.no_grad():
+        for key, tensor in state.items():
+            current[key].copy_(tensor)
+
+
 def build_net(
     spec: ModelSpec, tensors: dict[str, np.ndarray], device: torch.device
 ) -> SegmentationNet:

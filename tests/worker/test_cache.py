@@ -11,7 +11,7 @@ from worker.weights import to_numpy
 
 
 def key(site: str, version: int = 1, model: str = "brain") -> CacheKey:
-    return CacheKey(site, model, version, "ab" * 32)
+    return CacheKey(site, model, version, "ab" * 32, "cd" * 32)
 
 
 def linear() -> torch.nn.Linear:

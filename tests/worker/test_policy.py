@@ -13,7 +13,7 @@ from model_store.sites import SiteVersion
 from sitefit.exceptions import InvalidInputError
 from sitefit.settings import Settings
 from tests.conftest import PhantomCase
-from worker.engine import Engine, SegmentRequest
+from worker.engine import Engine, Progress, SegmentRequest, SegmentResult
 from worker.policy import auto_fast_path
 from worker.refinement import is_running_statistic, mutable_state
 
@@ -44,13 +44,15 @@ def _mask(result) -> np.ndarray:  # type: ignore[no-untyped-def]
     return np.asarray(result.mask.dataobj)
 
 
-def _seed_site(engine: Engine, model: str, site: str, consistency_after: float = 0.6) -> int:
-    """Store a real delta for ``site``: the base init path, nudged."""
+def _seed_site(
+    engine: Engine, model: str, site: str, consistency_after: float = 0.6, scale: float = 1.01
+) -> int:
+    """Store a real delta for ``site``: the base init path, scaled by ``scale``."""
     spec = engine.store.models.spec(model)
     net = engine.base_net(spec)
     with torch.no_grad():
         for parameter in net.init_path.parameters():
-            parameter.mul_(1.01)
+            parameter.mul_(scale)
     delta = {k: v.numpy() for k, v in mutable_state(net).items() if k.startswith("init_path.")}
     saved = engine.store.sites.append(site, spec, delta, scans_refined=1,
                                       self_consistency_before=0.5,
@@ -380,3 +382,49 @@ def test_a_sites_first_version_is_saved_by_the_first_save_rule(
         assert again.site_weights.self_consistency_saved > start
     else:
         assert len(engine.store.sites.history("first", consistent_brain_model)) == 1
+
+
+def test_adapt_does_not_save_over_a_version_another_job_saved_meanwhile(
+    engine: Engine, consistent_brain_model: str, shifted_brain_case: PhantomCase
+) -> None:
+    """The save is a compare-and-set on the version the refinement started from: a version
+    pools, and was judged against, its start, so another job's version is not overwritten
+    in the history by one that never saw it."""
+    model, site = consistent_brain_model, "race"
+
+    def other_job_saves(progress: Progress) -> None:
+        if progress.stage == "adapting" and not engine.store.sites.history(site, model):
+            _seed_site(engine, model, site, consistency_after=0.123)
+
+    request = SegmentRequest(shifted_brain_case.image, model, site, "adapt")
+    report = engine.run(request, other_job_saves).report
+    assert report.guard is not None and report.guard.verdict == "kept", "premise: it would save"
+    assert report.site_weights.used_version is None and report.site_weights.saved_version is None
+    reason = report.site_weights.save_reason
+    assert reason is not None and reason.startswith("not saved: another job saved"), reason
+    history = engine.store.sites.history(site, model)
+    assert [(v.version, v.self_consistency_after) for v in history] == [(1, 0.123)]
+
+
+def test_a_site_deleted_and_saved_again_is_not_served_from_the_old_cache(
+    engine: Engine, consistent_brain_model: str, shifted_brain_case: PhantomCase
+) -> None:
+    """Versions start at 1 again after a delete: the warm cache must not serve the old
+    version 1 (its key names the delta's sha256)."""
+    brain_model = consistent_brain_model
+    request = SegmentRequest(shifted_brain_case.image, brain_model, "again", "cached")
+    _seed_site(engine, brain_model, "again")
+    old = engine.run(request)
+    engine.store.sites.delete("again")
+    assert _seed_site(engine, brain_model, "again", scale=0.8) == 1
+    misses = engine.site_models.misses
+    new = engine.run(request)
+    assert new.report.site_weights.used_version == old.report.site_weights.used_version == 1
+    assert engine.site_models.misses == misses + 1
+    fresh = Engine(engine.settings, engine.store).run(request)
+    assert np.array_equal(_labels(new), _labels(fresh))
+    assert not np.array_equal(_labels(new), _labels(old)), "premise: the new weights differ"
+
+
+def _labels(result: SegmentResult) -> np.ndarray:
+    return np.asarray(result.mask.dataobj)
