@@ -29,7 +29,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from model_store.files import fsync_dir, staging_dir, write_bytes_atomic
+from model_store.files import staging_dir, write_bytes_atomic
+from sitefit.durable import fsync_dir
 from sitefit.exceptions import ModelStoreError
 
 

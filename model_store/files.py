@@ -17,19 +17,11 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from sitefit.durable import fsync_dir
+
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def fsync_dir(path: Path) -> None:
-    """Persist a directory entry (a rename) where the platform allows it."""
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:

@@ -7,11 +7,14 @@ file that is neither NIfTI nor a zip (415), or repeats or adds parts it should n
 
 A file part is stored under a fixed name chosen from its suffix (``scan.nii``,
 ``scan.nii.gz``, ``scan.zip``; ``reference.nii[.gz]``): the client's file name may hold PHI
-and is never stored or logged.
+and is never stored or logged. Once the body is complete, every stored file and the staging
+directory are fsynced, so a job published by renaming that directory never has a torn scan.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +25,7 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from server.errors import MalformedRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
+from sitefit.durable import fsync_dir
 from sitefit.job_store import storage_error
 
 FILE_PARTS = {"file": "scan", "reference": "reference"}
@@ -147,9 +151,22 @@ class _Receiver:
             raise storage_error("store the upload", error) from None
         self.pending.clear()
 
+    def sync(self) -> None:
+        """Write what is pending, then fsync every stored file and the staging directory."""
+        self.write_pending()
+        try:
+            for handle in self._handles:
+                handle.flush()
+                os.fsync(handle.fileno())
+            fsync_dir(self.staging)
+        except OSError as error:
+            raise storage_error("store the upload", error) from None
+
     def close(self) -> None:
+        """Close every stored file; after a failure they are discarded with the staging folder."""
         for handle in self._handles:
-            handle.close()
+            with contextlib.suppress(OSError):  # nothing is left to flush after sync()
+                handle.close()
 
 
 async def receive(
@@ -173,6 +190,7 @@ async def receive(
             if receiver.pending:
                 await anyio.to_thread.run_sync(receiver.write_pending)
         parser.finalize()
+        await anyio.to_thread.run_sync(receiver.sync)
     except FormParserError as error:
         raise MalformedRequestError(f"malformed multipart body ({error})") from None
     finally:

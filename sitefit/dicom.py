@@ -27,17 +27,21 @@ from __future__ import annotations
 import io
 import math
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 
 from sitefit.defaults import MIN_SPATIAL_SIZE
 from sitefit.exceptions import InvalidInputError
+from sitefit.job_store import storage_error
+from sitefit.volume import save_image_atomic
 from sitefit.volume.header import nib
 
 MAX_MEMBERS = 4096
@@ -48,6 +52,9 @@ _SPACING_TOLERANCE = 0.01  # relative difference between slice gaps
 _ORIENTATION_TOLERANCE = 1e-4
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _SKIPPED_PARTS = {"__MACOSX", ".DS_Store"}
+_UNKNOWN_SOP_CLASS = "unknown SOP class"
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, eq=False)
@@ -131,29 +138,78 @@ def _dataset(data: bytes, number: int) -> Any:
         raise _refuse(f"member #{number} is a malformed DICOM file") from None
 
 
-def _floats(dataset: Any, keyword: str, count: int, number: int) -> list[float]:
-    value = dataset.get(keyword)
+def _header_value(
+    dataset: Any,
+    keyword: str,
+    number: int,
+    convert: Callable[[Any], _T],
+    expected: str,
+    default: _T | None = None,
+) -> _T:
+    """Header element ``keyword`` of member ``number``, converted by ``convert``.
+
+    An absent or empty element gives ``default``, or is refused when there is none. Anything
+    else that goes wrong reading or converting the value (pydicom converts raw values lazily, so
+    ``dataset.get`` itself raises on malformed text) is refused with a one-line message naming
+    the member's position and the keyword only, never the value (it could hold PHI).
+    """
     try:
-        values = [float(v) for v in (value if value is not None else [])]
-    except (TypeError, ValueError):
-        values = []
-    if len(values) != count or not all(math.isfinite(v) for v in values):
-        raise _refuse(f"member #{number} has no valid {keyword}; expected {count} numbers")
-    return values
+        value = dataset.get(keyword)
+        if not _empty(value):
+            return convert(value)
+    except Exception:  # pydicom and the conversions raise many types for malformed values
+        raise _refuse(f"member #{number} has no valid {keyword}; expected {expected}") from None
+    if default is None:
+        raise _refuse(f"member #{number} has no {keyword}; expected {expected}")
+    return default
+
+
+def _empty(value: Any) -> bool:
+    return value is None or (isinstance(value, str | bytes | list | MultiValue) and not value)
+
+
+def _integer(value: Any) -> int:
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError("not an integer")
+    return int(value)
+
+
+def _number(value: Any) -> float:
+    result = float(value)
+    if not math.isfinite(result):
+        raise ValueError("not finite")
+    return result
+
+
+def _floats(dataset: Any, keyword: str, count: int, number: int) -> list[float]:
+    def convert(value: Any) -> list[float]:
+        values = [_number(v) for v in value]
+        if len(values) != count:
+            raise ValueError("wrong count")
+        return values
+
+    return _header_value(dataset, keyword, number, convert, f"{count} numbers")
+
+
+def _sop_class_name(value: Any) -> str:
+    return str(getattr(value, "name", _UNKNOWN_SOP_CLASS))
 
 
 def _slice_header(dataset: Any, number: int, info: zipfile.ZipInfo) -> _Slice:
     if "PixelData" not in dataset and "FloatPixelData" not in dataset:
-        kind = getattr(dataset.get("SOPClassUID"), "name", "unknown SOP class")
+        kind = _header_value(
+            dataset, "SOPClassUID", number, _sop_class_name, "a UID", _UNKNOWN_SOP_CLASS
+        )
         raise _refuse(
             f"member #{number} is a non-image DICOM object ({kind}); "
             "expected image slices of one series only"
         )
-    if int(dataset.get("NumberOfFrames", 1) or 1) > 1:
+    if _header_value(dataset, "NumberOfFrames", number, _integer, "an integer", 1) > 1:
         raise _refuse(f"member #{number} is a multi-frame object; expected single-frame slices")
-    if int(dataset.get("SamplesPerPixel", 1)) != 1:
+    if _header_value(dataset, "SamplesPerPixel", number, _integer, "an integer", 1) != 1:
         raise _refuse(f"member #{number} is a colour image; expected grey-scale slices")
-    rows, columns = int(dataset.get("Rows", 0)), int(dataset.get("Columns", 0))
+    rows = _header_value(dataset, "Rows", number, _integer, "an integer")
+    columns = _header_value(dataset, "Columns", number, _integer, "an integer")
     if rows < MIN_SPATIAL_SIZE or columns < MIN_SPATIAL_SIZE:
         raise _refuse(f"member #{number} has a {rows}x{columns} image; expected at least 2x2")
     orientation = np.array(_floats(dataset, "ImageOrientationPatient", 6, number))
@@ -174,7 +230,7 @@ def _slice_header(dataset: Any, number: int, info: zipfile.ZipInfo) -> _Slice:
         orientation=orientation,
         spacing=(spacing[0], spacing[1]),
         shape=(rows, columns),
-        series=str(dataset.get("SeriesInstanceUID", "")),
+        series=_header_value(dataset, "SeriesInstanceUID", number, str, "a UID", ""),
     )
 
 
@@ -216,8 +272,8 @@ def _pixels(dataset: Any, number: int, shape: tuple[int, int]) -> npt.NDArray[np
         raise _refuse(f"member #{number}: pixel data cannot be decoded ({name})") from None
     if stored.shape != shape:
         raise _refuse(f"member #{number}: pixel data does not match Rows and Columns")
-    slope = float(dataset.get("RescaleSlope", 1.0) or 1.0)
-    intercept = float(dataset.get("RescaleIntercept", 0.0) or 0.0)
+    slope = _header_value(dataset, "RescaleSlope", number, _number, "a number", 1.0) or 1.0
+    intercept = _header_value(dataset, "RescaleIntercept", number, _number, "a number", 0.0)
     values = stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)
     if not np.isfinite(values).all():
         raise _refuse(f"member #{number}: rescaled intensities are not finite")
@@ -262,13 +318,20 @@ def read_series_zip(path: Path, max_voxels: int) -> DicomVolume:
 
 
 def series_zip_to_nifti(path: Path, out: Path, max_voxels: int) -> DicomVolume:
-    """Convert a DICOM series zip to a NIfTI-1 file at ``out`` (qform/sform: scanner, mm)."""
+    """Convert a DICOM series zip to a NIfTI-1 file at ``out`` (qform/sform: scanner, mm).
+
+    ``out`` is written atomically (complete or absent); a failed write (full disk, missing or
+    read-only directory) raises :class:`~sitefit.job_store.JobStorageError`.
+    """
     volume = read_series_zip(path, max_voxels)
     image = nib.Nifti1Image(volume.data, volume.affine)
     image.header.set_xyzt_units("mm", "sec")
     image.set_qform(volume.affine, code=1)
     image.set_sform(volume.affine, code=1)
-    nib.save(image, str(out))
+    try:
+        save_image_atomic(image, out)
+    except OSError as error:
+        raise storage_error("store the converted DICOM series", error) from None
     return volume
 
 

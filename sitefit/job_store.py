@@ -36,6 +36,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
+from sitefit.durable import fsync_dir
 from sitefit.exceptions import SitefitError
 from sitefit.jobs import (
     ID_PATTERN,
@@ -150,6 +151,7 @@ class JobStore:
                 staging / PROGRESS, Progress(updated_at=time.time()).model_dump_json().encode()
             )
             os.rename(staging, self.job_dir(record.id))
+            fsync_dir(self.job_dir(record.id).parent)
         except OSError as error:
             raise storage_error("store the job", error) from None
 

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from sitefit.durable import fsync_dir
 from sitefit.exceptions import InvalidInputError, VolumeContentError, VolumeReadError
 from sitefit.volume.header import (
     FloatArray,
@@ -274,9 +275,4 @@ def save_image_atomic(image: Any, path: Path) -> None:
         with contextlib.suppress(OSError):
             temporary.unlink(missing_ok=True)
         raise
-    with contextlib.suppress(OSError):
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+    fsync_dir(path.parent)

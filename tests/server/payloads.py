@@ -16,6 +16,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import numpy.typing as npt
+import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     BasicTextSRStorage,
@@ -88,6 +89,27 @@ def dicom_slices(
         ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
         slices.append(_encode(ds))
     return slices
+
+
+def with_empty_element(data: bytes, keyword: str) -> bytes:
+    """The DICOM slice ``data`` with element ``keyword`` present but empty (zero length)."""
+    ds = pydicom.dcmread(io.BytesIO(data))
+    setattr(ds, keyword, None)
+    return _encode(ds)
+
+
+def with_text_value(data: bytes, keyword: str, text: bytes = b"abc ") -> bytes:
+    """The DICOM slice ``data`` with the numeric element ``keyword`` holding ``text``.
+
+    pydicom refuses to write a non-numeric DS/IS value, so a unique placeholder of the same
+    length is written and its bytes are replaced.
+    """
+    placeholder = b"7" * len(text)
+    ds = pydicom.dcmread(io.BytesIO(data))
+    setattr(ds, keyword, placeholder.decode())
+    encoded = _encode(ds)
+    assert encoded.count(placeholder) == 1, "placeholder is not unique"
+    return encoded.replace(placeholder, text)
 
 
 def structured_report() -> bytes:

@@ -24,6 +24,8 @@ from tests.server.payloads import (
     nifti_bytes,
     structured_report,
     truncated_gzip,
+    with_empty_element,
+    with_text_value,
     write_zip,
 )
 from tests.server.processes import RedisProcess
@@ -93,6 +95,32 @@ CASES = {
         {},
         422,
         "more than one series",
+    ),
+    "empty Rows in DICOM": (
+        lambda t, c: (
+            "series.zip",
+            _zip_of(
+                t, [(f"{i}.dcm", with_empty_element(s, "Rows")) for i, s in enumerate(_slices())]
+            ),
+        ),
+        {},
+        422,
+        "member #1 has no Rows",
+    ),
+    "non-numeric RescaleSlope in DICOM": (
+        lambda t, c: (
+            "series.zip",
+            _zip_of(
+                t,
+                [
+                    (f"{i}.dcm", with_text_value(s, "RescaleSlope") if i == 1 else s)
+                    for i, s in enumerate(_slices())
+                ],
+            ),
+        ),
+        {},
+        422,
+        "member #2 has no valid RescaleSlope",
     ),
     "not a zip": (lambda t, c: ("series.zip", b"PK but not really"), {}, 422, "not a readable zip"),
     "wrong file type": (lambda t, c: ("scan.png", b"\x89PNG"), {}, 415, "unsupported file type"),

@@ -11,6 +11,7 @@ import pytest
 
 from sitefit.dicom import read_series_zip, series_zip_to_nifti
 from sitefit.exceptions import InvalidInputError
+from sitefit.job_store import JobStorageError
 from sitefit.volume import load_scan
 from tests.server.payloads import (
     PATIENT_ID,
@@ -18,6 +19,8 @@ from tests.server.payloads import (
     dicom_slices,
     series_zip,
     structured_report,
+    with_empty_element,
+    with_text_value,
     write_zip,
 )
 
@@ -146,3 +149,41 @@ def test_refuses_more_voxels_than_allowed(tmp_path: Path) -> None:
     zipped = series_zip(tmp_path / "s.zip", dicom_slices(_volume(), _oblique_affine()))
     with pytest.raises(InvalidInputError, match="voxels"):
         read_series_zip(zipped, max_voxels=100)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")
+@pytest.mark.parametrize(
+    ("keyword", "damage"),
+    [
+        ("Rows", with_empty_element),
+        ("Columns", with_empty_element),
+        ("RescaleSlope", with_text_value),
+        ("RescaleIntercept", with_text_value),
+        ("NumberOfFrames", with_text_value),
+    ],
+)
+def test_refuses_malformed_header_values_naming_member_and_keyword(
+    tmp_path: Path, keyword: str, damage: Any
+) -> None:
+    slices = dicom_slices(_volume(), _oblique_affine(), slope=2.0, intercept=-100.0)
+    slices[2] = damage(slices[2], keyword)
+    message = _refusal(series_zip(tmp_path / "bad.zip", slices))
+    assert "member #3" in message and keyword in message
+    assert "\n" not in message and "abc" not in message
+
+
+def test_conversion_to_a_missing_directory_is_a_storage_error(tmp_path: Path) -> None:
+    zipped = series_zip(tmp_path / "s.zip", dicom_slices(_volume(), _oblique_affine()))
+    out = tmp_path / "gone" / "scan.nii.gz"
+    with pytest.raises(JobStorageError, match="cannot store the converted DICOM series") as caught:
+        series_zip_to_nifti(zipped, out, MAX_VOXELS)
+    assert not caught.value.disk_full and PATIENT_NAME not in str(caught.value)
+    assert not out.parent.exists()
+
+
+def test_conversion_leaves_no_temporary_file(tmp_path: Path) -> None:
+    zipped = series_zip(tmp_path / "s.zip", dicom_slices(_volume(), _oblique_affine()))
+    out = tmp_path / "out" / "scan.nii.gz"
+    out.parent.mkdir()
+    series_zip_to_nifti(zipped, out, MAX_VOXELS)
+    assert [p.name for p in out.parent.iterdir()] == ["scan.nii.gz"]
