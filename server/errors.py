@@ -3,8 +3,9 @@
 Route code raises exceptions (sitefit's own, or the request errors below); :func:`status_of`
 maps each class to a status, and the handlers installed by :func:`install_error_handlers`
 answer ``{"detail": "<one line>"}``. Messages are the exceptions' own one-line texts, which
-never hold PHI; anything unexpected is a 500 whose body says only that, with the traceback in
-the server log.
+never hold PHI; a parameter FastAPI itself refuses (``RequestValidationError``) is a 422 that
+names the field and the rule, not the value sent; anything unexpected is a 500 whose body says
+only that, with the traceback in the server log.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
@@ -72,6 +74,7 @@ _STATUS: list[tuple[type[BaseException], int]] = [
     (UnsupportedMediaTypeError, 415),
     (MalformedRequestError, 400),
     (ClientDisconnect, 400),
+    (RequestValidationError, 422),  # a path or query parameter FastAPI itself refused
     (ModelNotFoundError, 422),  # models are only named in uploads: the upload is invalid
     (InvalidInputError, 422),
     (QueueUnavailableError, 503),
@@ -97,6 +100,8 @@ def error_response(error: BaseException) -> JSONResponse:
         detail = str(error)
     elif isinstance(error, ClientDisconnect):
         detail = "the client disconnected before the upload was complete"
+    elif isinstance(error, RequestValidationError):
+        detail = validation_message(error)
     else:
         detail = "internal server error; see the server log"
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
@@ -105,12 +110,30 @@ def error_response(error: BaseException) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
+_PLACES = {"path": "path parameter", "query": "query parameter", "header": "header"}
+
+
+def validation_message(error: RequestValidationError) -> str:
+    """One line naming the refused field and the rule it broke, never the value sent."""
+    problems = list(error.errors())
+    if not problems:
+        return "invalid request"
+    first = problems[0]
+    location = [str(part) for part in first.get("loc", ())]
+    place = _PLACES.get(location[0], "request field") if location else "request field"
+    name = ".".join(location[1:]) or (location[0] if location else "?")
+    rule = (str(first.get("msg", "")).strip().splitlines() or ["invalid value"])[0][:200]
+    more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+    return f"invalid {place} {name!r}: {rule}{more}"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def handle(_request: Request, error: Exception) -> JSONResponse:
         return error_response(error)
 
     app.add_exception_handler(SitefitError, handle)
     app.add_exception_handler(ClientDisconnect, handle)
+    app.add_exception_handler(RequestValidationError, handle)  # not FastAPI's list of errors
     app.add_exception_handler(Exception, handle)
 
 

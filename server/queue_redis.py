@@ -13,7 +13,8 @@ lock so that one API replica does it at a time) makes sure no job stays active f
 2. Every job the store still calls queued or running is compared with its RQ job: failed in
    RQ -> failed in the store, with the reason; queued again in RQ after a run had started ->
    queued in the store, with a note saying why; missing from Redis (flushed, or Redis
-   restarted without persistence) -> failed in the store.
+   restarted without persistence) -> failed in the store. A job whose data cannot be read
+   (e.g. a corrupt ``job.json``) is logged and skipped; the others are still reconciled.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from rq.serializers import JSONSerializer
 
 from server.errors import QueueUnavailableError
 from server.queues import requeued
-from sitefit.job_store import JobStore
+from sitefit.job_store import JobStorageError, JobStore
 from sitefit.jobs import QUEUED_FUNCTION, JobNotFoundError, JobState
 from sitefit.settings import Settings
 from worker.rq_jobs import SitefitJob
@@ -125,6 +126,8 @@ class RedisQueue:
                 self._reconcile(self.store.state(job_id))
             except JobNotFoundError:
                 continue
+            except JobStorageError as error:  # one unreadable job must not stop the pass
+                log.warning("job %s: cannot reconcile with the queue: %s", job_id, error)
 
     def _reconcile(self, state: JobState) -> None:
         job_id = state.record.id

@@ -63,6 +63,9 @@ class EmbeddedQueue:
         self._ids: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._failure: str | None = None
+        # held while checking for a failure and queueing, and while recording one: once the
+        # worker has failed, nothing more is queued, so draining the queue ends every job
+        self._lock = threading.Lock()
 
     def start(self) -> None:
         self._recover()
@@ -76,16 +79,17 @@ class EmbeddedQueue:
 
     def problem(self) -> str | None:
         if self._failure is not None:
-            return f"embedded worker failed: {self._failure}"
+            return f"embedded worker cannot start: {self._failure}"
         if self._thread is None or not self._thread.is_alive():
             return "embedded worker is not running"
         return None
 
     def submit(self, job_id: str) -> None:
-        problem = self.problem()
-        if problem is not None:
-            raise QueueUnavailableError(f"job queue unavailable: {problem}")
-        self._ids.put(job_id)
+        with self._lock:
+            problem = self.problem()
+            if problem is not None:
+                raise QueueUnavailableError(f"job queue unavailable: {problem}")
+            self._ids.put(job_id)
 
     def cancel(self, job_id: str) -> None:
         """Nothing to do: the worker thread skips jobs that have ended in the store."""
@@ -122,8 +126,11 @@ class EmbeddedQueue:
             engine: SegmentationEngine = Engine(self.settings)
             metrics = WorkerMetrics(self.registry, engine)
         except Exception as error:  # e.g. the device is unavailable
-            self._failure = f"{type(error).__name__}: {error}"
+            lines = str(error).strip().splitlines()
+            with self._lock:
+                self._failure = f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
             log.exception("embedded worker cannot start")
+            self._fail_queued(f"embedded worker cannot start: {self._failure}")
             return
         while (job_id := self._ids.get()) is not None:
             try:
@@ -136,6 +143,21 @@ class EmbeddedQueue:
                 )
             except Exception:
                 log.exception("job %s: unexpected error", job_id)
+
+    def _fail_queued(self, reason: str) -> None:
+        """End every job still in the queue as failed: no thread will ever run them."""
+        while True:
+            try:
+                job_id = self._ids.get_nowait()
+            except queue.Empty:
+                return
+            if job_id is None:  # stop() was called meanwhile
+                continue
+            try:
+                if self.store.end(job_id, "failed", reason):
+                    log.warning("job %s: %s", job_id, reason)
+            except (JobNotFoundError, JobStorageError) as error:
+                log.error("job %s: cannot mark it failed: %s", job_id, error)
 
 
 def requeued(progress: Progress, note: str) -> Progress:

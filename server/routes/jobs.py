@@ -37,7 +37,8 @@ from sitefit.report import Report
 
 log = logging.getLogger("sitefit.server")
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-JobId = Annotated[str, Path(description="job id (32 hex digits)", max_length=64)]
+# no length limit here: check_job_id answers 404 for anything but 32 hex digits
+JobId = Annotated[str, Path(description="job id (32 hex digits)")]
 
 _UPLOAD_DOC = {
     "requestBody": {

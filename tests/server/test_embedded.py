@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from sitefit.job_store import JobStore
-from sitefit.jobs import JobRecord, Progress, new_job_id
+from sitefit.jobs import Progress
 from tests.conftest import PhantomCase
 from tests.server.helpers import (
     client,
@@ -21,6 +21,7 @@ from tests.server.helpers import (
     upload,
     wait_for_status,
 )
+from tests.stored_jobs import publish_job
 from worker.engine import Engine, SegmentRequest
 
 
@@ -131,18 +132,7 @@ def test_restart_fails_jobs_that_were_running_and_reruns_queued_ones(
     store = JobStore.from_settings(settings)
     ids = []
     for status in ("running", "queued"):
-        job_id = new_job_id()
-        with store.receiving(job_id) as staging:
-            (staging / "scan.nii.gz").write_bytes(shifted_brain_case.image.read_bytes())
-            record = JobRecord(
-                id=job_id,
-                created_at=time.time(),
-                model=brain_model,
-                site="site-a",
-                mode="none",
-                scan_file="scan.nii.gz",
-            )
-            store.publish(staging, record)
+        job_id = publish_job(store, scan=shifted_brain_case.image.read_bytes(), model=brain_model)
         store.set_progress(job_id, Progress(status=status, attempt=int(status == "running")))
         ids.append(job_id)
     with client(settings) as api:  # as if the server had died and come back
@@ -181,3 +171,25 @@ def test_oversized_upload_is_refused_declared_or_streamed(
     assert declared.json()["detail"].startswith("upload of ")  # refused on Content-Length
     assert streamed.json()["detail"].startswith("upload exceeds")  # refused while parsing
     assert not list((service_home / "jobs").glob("[0-9a-f]*"))
+
+
+def test_a_worker_that_cannot_start_fails_queued_jobs_and_refuses_uploads(tmp_path: Path) -> None:
+    settings = service_settings(tmp_path, device="cuda:99")  # no such GPU here, or anywhere
+    store = JobStore.from_settings(settings)
+    job_id = publish_job(store, scan=b"never read")  # queued before: recovered at start
+    with client(settings) as api:
+        job = wait_for_status(api, job_id, ("failed",), timeout=30)
+        refused = api.post(
+            "/v1/jobs",
+            files={"file": ("scan.nii.gz", b"x", "application/gzip")},
+            data={"model": "m"},
+        )
+        ready = api.get("/readyz")
+    assert job["error"].startswith("embedded worker cannot start: DeviceUnavailableError: ")
+    assert "cuda:99" in job["error"] and "\n" not in job["error"]
+    assert refused.status_code == 503
+    assert refused.json()["detail"].startswith(
+        "job queue unavailable: embedded worker cannot start: DeviceUnavailableError"
+    )
+    assert ready.status_code == 503
+    assert [p.name for p in (tmp_path / "jobs").glob("[0-9a-f]*")] == [job_id]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import errno
+from pathlib import Path
 
 import pytest
+from fastapi.exceptions import RequestValidationError
 
 from server.errors import (
     ForbiddenError,
@@ -16,6 +18,7 @@ from server.errors import (
     UnsupportedMediaTypeError,
     error_response,
     status_of,
+    validation_message,
 )
 from sitefit.exceptions import (
     ModelNotFoundError,
@@ -26,6 +29,7 @@ from sitefit.exceptions import (
 )
 from sitefit.job_store import storage_error
 from sitefit.jobs import JobNotFoundError
+from tests.server.helpers import client, service_settings
 
 
 @pytest.mark.parametrize(
@@ -46,6 +50,7 @@ from sitefit.jobs import JobNotFoundError
         (ModelStoreError("x"), 500),
         (storage_error("write", OSError(errno.EACCES, "Permission denied")), 500),
         (storage_error("write", OSError(errno.ENOSPC, "No space left on device")), 507),
+        (RequestValidationError([]), 422),
         (RuntimeError("a bug"), 500),
     ],
 )
@@ -62,3 +67,43 @@ def test_messages_are_kept_for_sitefit_errors_and_hidden_for_bugs() -> None:
     assert bug.status_code == 500 and b"secret" not in bug.body
     unauthorized = error_response(UnauthorizedError("missing API key"))
     assert unauthorized.headers["www-authenticate"] == "Bearer"
+
+
+def test_refused_parameters_are_one_line_naming_the_field_not_the_value(tmp_path: Path) -> None:
+    # no lifespan (no `with`): these requests never reach the queue
+    api = client(service_settings(tmp_path))
+    long_id, long_site = "a" * 65, "s" * 65
+    for method, path in (
+        ("GET", f"/v1/jobs/{long_id}"),
+        ("GET", f"/v1/jobs/{long_id}/mask"),
+        ("GET", f"/v1/jobs/{long_id}/report"),
+        ("DELETE", f"/v1/jobs/{long_id}"),
+        ("GET", "/v1/jobs/" + "a" * 5000),
+    ):
+        response = api.request(method, path)
+        assert response.status_code == 404, (method, path, response.text)
+        assert list(response.json()) == ["detail"]
+        assert response.json()["detail"].startswith("unknown job")
+    for method in ("GET", "DELETE"):
+        response = api.request(method, f"/v1/sites/{long_site}")
+        assert response.status_code == 422, response.text
+        detail = response.json()["detail"]
+        assert isinstance(detail, str) and "\n" not in detail
+        assert detail.startswith("invalid path parameter 'site': ") and "64" in detail
+        assert long_site not in detail
+
+
+def test_validation_message_counts_further_problems() -> None:
+    error = RequestValidationError(
+        [
+            {"loc": ("query", "limit"), "msg": "Input should be a valid integer", "input": "x"},
+            {"loc": ("body", "a", 0), "msg": "Field required", "input": None},
+        ]
+    )
+    assert validation_message(error) == (
+        "invalid query parameter 'limit': Input should be a valid integer (and 1 more problem(s))"
+    )
+    response = error_response(error)
+    assert response.status_code == 422 and b'"x"' not in response.body
+    only_body = RequestValidationError([{"loc": ("body", "a", 0), "msg": "Field required"}])
+    assert validation_message(only_body) == "invalid request field 'a.0': Field required"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 from rq import Callback, Queue, Retry
 from rq.executions import Execution
@@ -14,9 +16,10 @@ from rq.serializers import JSONSerializer
 
 from server.queue_redis import RedisQueue
 from sitefit.job_store import JobStore
-from sitefit.jobs import QUEUED_FUNCTION, JobRecord, Progress, new_job_id
+from sitefit.jobs import QUEUED_FUNCTION, Progress, new_job_id
 from tests.server.helpers import service_settings
 from tests.server.processes import RedisProcess
+from tests.stored_jobs import publish_job
 
 
 def record(job: Any, *args: Any) -> None:
@@ -67,17 +70,7 @@ def test_reaper_requeues_with_a_retry_left_and_says_so_in_the_store(
 ) -> None:
     settings = service_settings(tmp_path, redis_url=redis_server.url, queue_name="reaper-retry")
     store = JobStore.from_settings(settings)
-    job_id = new_job_id()
-    with store.receiving(job_id) as staging:
-        record = JobRecord(
-            id=job_id,
-            created_at=time.time(),
-            model="m",
-            site="s",
-            mode="none",
-            scan_file="scan.nii.gz",
-        )
-        store.publish(staging, record)
+    job_id = publish_job(store, site="s")
     store.set_progress(job_id, Progress(status="running", stage="adapting", attempt=1))
     connection = redis.Redis.from_url(redis_server.url)
     _abandoned(connection, "reaper-retry", tmp_path / "m", job_id, retry=Retry(max=1))
@@ -87,3 +80,24 @@ def test_reaper_requeues_with_a_retry_left_and_says_so_in_the_store(
     assert state.status == "queued" and state.progress.attempt == 1
     assert "stopped (killed or crashed)" in (state.progress.note or "")
     assert Queue("reaper-retry", connection=connection).job_ids == [job_id]
+
+
+def test_a_job_with_unreadable_data_does_not_stop_the_pass(
+    tmp_path: Path, redis_server: RedisProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = service_settings(tmp_path, redis_url=redis_server.url, queue_name="reaper-corrupt")
+    store = JobStore.from_settings(settings)
+    corrupt, lost = "0" * 32, "f" * 32  # ids are visited in order: the corrupt one first
+    long_ago = time.time() - 3600  # past the grace for jobs between publish and enqueue
+    publish_job(store, job_id=corrupt, created_at=long_ago)
+    publish_job(store, job_id=lost, created_at=long_ago)  # queued in the store, never in Redis
+    (store.job_dir(corrupt) / "job.json").write_bytes(b"{not json")
+    with caplog.at_level(logging.WARNING, logger="sitefit.server"):
+        RedisQueue(settings, store).maintain()
+    state = store.state(lost)
+    assert state.status == "failed" and "lost from the queue" in (state.error or "")
+    assert any(
+        corrupt in r.getMessage() and "unreadable job.json" in r.getMessage()
+        for r in caplog.records
+    )
+    assert not store.is_ended(corrupt)  # left alone: the retention sweep deletes it later

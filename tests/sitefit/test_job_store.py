@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from sitefit.job_store import MASK, REPORT, JobStorageError, JobStore
-from sitefit.jobs import JobNotFoundError, JobRecord, Progress, new_job_id
+from sitefit.jobs import JobNotFoundError, Progress, new_job_id
+from tests.stored_jobs import publish_job
 
 
 def _store(tmp_path: Path, retention: float = 3600, stale: float = 7200) -> JobStore:
@@ -17,19 +18,7 @@ def _store(tmp_path: Path, retention: float = 3600, stale: float = 7200) -> JobS
 
 
 def _publish(store: JobStore, created: float | None = None) -> str:
-    job_id = new_job_id()
-    with store.receiving(job_id) as staging:
-        (staging / "scan.nii.gz").write_bytes(b"scan")
-        record = JobRecord(
-            id=job_id,
-            created_at=time.time() if created is None else created,
-            model="m",
-            site="site-a",
-            mode="auto",
-            scan_file="scan.nii.gz",
-        )
-        store.publish(staging, record)
-    return job_id
+    return publish_job(store, mode="auto", created_at=created)
 
 
 def test_published_job_is_queued_and_nothing_is_left_in_incoming(tmp_path: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -10,10 +9,11 @@ import numpy as np
 import pytest
 
 from sitefit.job_store import MASK, REPORT, JobStore
-from sitefit.jobs import JobRecord, new_job_id
-from sitefit.report import Report
+from sitefit.jobs import new_job_id
+from sitefit.report import Mode, Report
 from sitefit.settings import Settings
 from tests.conftest import PhantomCase
+from tests.stored_jobs import publish_job
 from worker.engine import Engine, ProgressCallback, SegmentRequest, SegmentResult
 from worker.job import JobEnded, run_job
 
@@ -23,21 +23,10 @@ def engine(settings: Settings) -> Engine:
     return Engine(settings)
 
 
-def _publish(store: JobStore, scan: Path, model: str, mode: str = "adapt") -> str:
-    job_id = new_job_id()
+def _publish(store: JobStore, scan: Path, model: str, mode: Mode = "adapt") -> str:
     suffix = ".nii.gz" if scan.name.endswith(".gz") else ".nii"
-    with store.receiving(job_id) as staging:
-        (staging / f"scan{suffix}").write_bytes(scan.read_bytes())
-        record = JobRecord(
-            id=job_id,
-            created_at=time.time(),
-            model=model,
-            site="site-a",
-            mode=mode,  # type: ignore[arg-type]
-            scan_file=f"scan{suffix}",
-        )
-        store.publish(staging, record)
-    return job_id
+    return publish_job(store, scan=scan.read_bytes(), scan_file=f"scan{suffix}", model=model,
+                       mode=mode)  # fmt: skip
 
 
 def _store(tmp_path: Path) -> JobStore:
