@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sitefit import defaults
+from sitefit.cli.common import fmt, load_settings
 from sitefit.exceptions import InvalidInputError, ModelNotFoundError
 from sitefit.report import MODES, Report
-from sitefit.settings import Settings
 
 if TYPE_CHECKING:
     from worker.engine import Progress
@@ -100,7 +100,7 @@ def run_train(args: argparse.Namespace) -> int:
     from worker.device import resolve_device
     from worker.training import TrainConfig, train_base_model
 
-    settings = Settings(device=args.device)
+    settings = load_settings(device=args.device)
     config = TrainConfig(
         epochs=args.epochs,
         head_epochs=args.head_epochs,
@@ -124,7 +124,7 @@ def run_segment(args: argparse.Namespace) -> int:
 
     if not str(args.out).endswith((".nii", ".nii.gz")):
         raise InvalidInputError(f"--out {args.out}: the mask is written as .nii or .nii.gz")
-    settings = Settings(device=args.device)
+    settings = load_settings(device=args.device)
     engine = Engine(settings)
     request = SegmentRequest(args.scan, args.model, args.site, args.mode, args.reference)
     result = engine.run(request, progress=None if args.quiet else _print_progress)
@@ -145,7 +145,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from worker.engine import Engine, SegmentRequest
     from worker.training import TrainConfig, train_base_model
 
-    settings = Settings(device=args.device)
+    settings = load_settings(device=args.device)
     registry = BaseModelRegistry(settings.models_dir)
     demo_dir = settings.home / "demo"
     source = next(name for name, domain in DOMAINS.items() if domain.role == "source")
@@ -186,7 +186,7 @@ def summarize(report: Report) -> str:
     """The before/after figures of a report, a few lines for a terminal."""
 
     def pair(before: float | None, after: float | None) -> str:
-        return f"{_fmt(before)} -> {_fmt(after)}"
+        return f"{fmt(before)} -> {fmt(after)}"
 
     sc = report.self_consistency
     lines = [
@@ -196,7 +196,7 @@ def summarize(report: Report) -> str:
         f"{pair(sc.before.surface_dice, sc.after.surface_dice)}   "
         f"Dice {pair(sc.before.dice, sc.after.dice)}",
         f"base vs adapted agreement          surface Dice "
-        f"{_fmt(report.agreement_base_vs_adapted.surface_dice)}",
+        f"{fmt(report.agreement_base_vs_adapted.surface_dice)}",
     ]
     if report.reference is not None:
         ref = report.reference
@@ -208,7 +208,7 @@ def summarize(report: Report) -> str:
         if ref.last_epoch is not None and ref.last_epoch != ref.after:
             lines.append(
                 f"reference, last epoch (unguarded)  surface Dice "
-                f"{_fmt(ref.last_epoch.surface_dice)}   Dice {_fmt(ref.last_epoch.dice)}"
+                f"{fmt(ref.last_epoch.surface_dice)}   Dice {fmt(ref.last_epoch.dice)}"
             )
     refinement = report.refinement
     if refinement.stopped != "skipped":
@@ -232,10 +232,6 @@ def summarize(report: Report) -> str:
     )
     lines.extend(f"warning: {w}" for w in report.warnings)
     return "\n".join(lines)
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _log(message: str) -> None:

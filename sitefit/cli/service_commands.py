@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from pydantic import ValidationError
-
+from sitefit.cli.common import load_settings
 from sitefit.exceptions import InvalidInputError
-from sitefit.settings import Settings
 
 if TYPE_CHECKING:
+    from sitefit.settings import Settings
+
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -45,28 +45,12 @@ def redacted(url: str) -> str:
     return parts._replace(netloc=f"{parts.username or ''}:***@{host}{port}").geturl()
 
 
-def _settings(**overrides: Any) -> Settings:
-    """Settings from the environment (and flags); a bad combination is one clear line."""
-    try:
-        return Settings(**overrides)
-    except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "settings"
-        message = str(first["msg"]).removeprefix("Value error, ")
-        raise InvalidInputError(f"invalid configuration ({where}): {message}") from None
-
-
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server import create_app
 
-    overrides: dict[str, Any] = {}
-    if args.host is not None:
-        overrides["host"] = args.host
-    if args.port is not None:
-        overrides["port"] = args.port
-    settings = _settings(**overrides)
+    settings = load_settings(host=args.host, port=args.port)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     if not settings.api_keys:
         print(
@@ -103,7 +87,7 @@ def demo_curl(settings: Settings) -> str | None:
 def run_worker(args: argparse.Namespace) -> int:
     from worker.queue_worker import run_worker as work
 
-    settings = _settings()
+    settings = load_settings()
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     if settings.redis_url is None:
         raise InvalidInputError("sitefit worker needs SITEFIT_REDIS_URL (the job queue's Redis)")

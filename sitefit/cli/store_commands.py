@@ -14,8 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sitefit.cli.common import fmt, load_settings
 from sitefit.exceptions import InvalidInputError, SiteNotFoundError
-from sitefit.settings import Settings
 
 if TYPE_CHECKING:
     from model_store import ModelStore
@@ -73,8 +73,7 @@ def _command(
 def _store(args: argparse.Namespace) -> ModelStore:
     from model_store import ModelStore
 
-    settings = Settings() if args.home is None else Settings(home=args.home)
-    return ModelStore.from_settings(settings)
+    return ModelStore.from_settings(load_settings(home=args.home))
 
 
 def _emit(args: argparse.Namespace, payload: Any, lines: list[str]) -> int:
@@ -138,8 +137,7 @@ def _spec_lines(spec: ModelSpec) -> list[str]:
         f"training     {training.dataset_name}: {len(training.train_cases)} train / "
         f"{len(training.validation_cases)} validation cases, {training.epochs} epochs "
         f"(+{training.head_epochs} head), lr {training.learning_rate:g}, seed {training.seed}",
-        f"validation   Dice final {_fmt(validation.dice_final)}, "
-        f"early {_fmt(validation.dice_early)}",
+        f"validation   Dice final {fmt(validation.dice_final)}, early {fmt(validation.dice_early)}",
     ]
 
 
@@ -217,8 +215,8 @@ def _version_lines(meta: SiteVersion) -> list[str]:
         f"base model   {meta.model}@{meta.base_version} sha256 {meta.base_sha256[:12]}",
         f"delta        {meta.tensors} tensors, {meta.nbytes} bytes, sha256 {meta.sha256[:12]}",
         f"refinement   {meta.scans_refined} scan(s), {meta.refinement_epochs} epoch(s), "
-        f"self-consistency {_fmt(meta.self_consistency_before)} -> "
-        f"{_fmt(meta.self_consistency_after)} (sitefit {meta.sitefit_version})",
+        f"self-consistency {fmt(meta.self_consistency_before)} -> "
+        f"{fmt(meta.self_consistency_after)} (sitefit {meta.sitefit_version})",
     ]
 
 
@@ -228,7 +226,7 @@ def _history_line(meta: SiteVersion) -> str:
         f"{meta.model}@{meta.version:<4} {meta.created:%Y-%m-%d %H:%M:%S}  "
         f"base {meta.base_sha256[:12]}  scans {meta.scans_refined:<3} "
         f"epochs {meta.refinement_epochs:<3} self-consistency "
-        f"{_fmt(meta.self_consistency_before)} -> {_fmt(meta.self_consistency_after)}"
+        f"{fmt(meta.self_consistency_before)} -> {fmt(meta.self_consistency_after)}"
         f"  {meta.nbytes} B{rolled}"
     )
 
@@ -237,7 +235,3 @@ def _ranges(versions: list[int]) -> str:
     if not versions:
         return "-"
     return f"{versions[0]}" if len(versions) == 1 else f"{versions[0]}-{versions[-1]}"
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
