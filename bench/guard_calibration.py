@@ -69,9 +69,9 @@ from worker.guard import (  # noqa: E402
 )
 from worker.inference import execution_for, foreground_dice, predict  # noqa: E402
 from worker.preprocess import prepare_scan  # noqa: E402
-from worker.refinement import RefineConfig, mutable_state, refine  # noqa: E402
+from worker.refinement import RefineConfig, refine  # noqa: E402
 from worker.training import TrainConfig, train_base_model  # noqa: E402
-from worker.weights import build_net  # noqa: E402
+from worker.weights import build_net, mutable_state  # noqa: E402
 
 TASKS = ("brain", "heart", "tissue")
 HARM_TASK = "tissue"

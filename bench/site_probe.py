@@ -49,18 +49,12 @@ from model_store.base_models import BaseModelRegistry  # noqa: E402
 from sitefit import defaults  # noqa: E402
 from sitefit.metrics import overlap_per_class  # noqa: E402
 from sitefit.volume import load_label_map, load_scan  # noqa: E402
+from worker.batchnorm import interpolate_statistics, is_running_statistic  # noqa: E402
 from worker.inference import foreground_dice, predict  # noqa: E402
 from worker.nets import SegmentationNet  # noqa: E402
 from worker.preprocess import PreparedScan, prepare_scan  # noqa: E402
-from worker.refinement import (  # noqa: E402
-    RefineConfig,
-    interpolate_statistics,
-    is_running_statistic,
-    mutable_state,
-    refine,
-    scan_statistics,
-)
-from worker.weights import build_net  # noqa: E402
+from worker.refinement import RefineConfig, refine, scan_statistics  # noqa: E402
+from worker.weights import build_net, mutable_state  # noqa: E402
 
 GROUPS = {
     "init": ("init_path.",),

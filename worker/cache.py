@@ -139,16 +139,6 @@ class ModelCache(Generic[V]):
             self.put(key, value)
         return value
 
-    def invalidate(self, site: str, model: str | None = None) -> int:
-        """Drop every entry of ``site`` (for ``model`` only, if given); returns how many."""
-        with self._lock:
-            doomed = [
-                k for k in self._entries if k.site == site and (model is None or k.model == model)
-            ]
-            for key in doomed:
-                self._drop(key)
-            return len(doomed)
-
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()

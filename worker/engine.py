@@ -26,13 +26,12 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import torch
 
 import sitefit
 from model_store import ModelStore
 from model_store.sites import SiteVersion, check_site
 from model_store.spec import ModelSpec
-from sitefit.exceptions import ModelStoreError, VersionConflictError
+from sitefit.exceptions import ModelStoreError
 from sitefit.report import Mode, ModelIdentity, Report
 from sitefit.settings import Settings
 from sitefit.volume import load_label_map, load_scan, mask_to_image
@@ -52,21 +51,11 @@ from worker.inference import SlicePrediction, foreground_dice, predict
 from worker.nets import SegmentationNet
 from worker.policy import auto_fast_path
 from worker.preprocess import PreparedScan, prepare_scan
-from worker.refinement import (
-    RefineConfig,
-    RefinementResult,
-    mutable_state,
-    refine,
-)
+from worker.refinement import RefineConfig, RefinementResult, refine
 from worker.report_blocks import guard_block, refinement_block, site_weights_block
-from worker.site_update import (
-    base_statistics,
-    choose_version,
-    site_delta,
-    version_statistics,
-)
+from worker.site_update import Refined, save_next_version
 from worker.stopwatch import Stopwatch
-from worker.weights import build_net, load_numpy, load_state
+from worker.weights import build_net, load_numpy, load_state, mutable_state
 
 
 @dataclass(frozen=True)
@@ -239,13 +228,15 @@ class Engine:
             latest = self.store.sites.latest(request.site, spec.name)
             if latest is None:
                 return None
-            key = CacheKey(request.site, spec.name, latest.version, spec.sha256, latest.sha256)
-            net = self.site_models.get(key)
-            if net is None:
-                delta = self.store.sites.load(request.site, latest, spec)
+            site, version = request.site, latest
+
+            def materialise() -> SegmentationNet:
                 net = self.base_net(spec)
-                load_numpy(net, delta, strict=False)
-                self.site_models.put(key, net)
+                load_numpy(net, self.store.sites.load(site, version, spec), strict=False)
+                return net
+
+            key = CacheKey(request.site, spec.name, latest.version, spec.sha256, latest.sha256)
+            net = self.site_models.get_or_create(key, materialise)
         except ModelStoreError as error:
             warnings.append(f"site weights unusable, base model used instead: {error}")
             return None
@@ -341,71 +332,14 @@ class Engine:
         after = result.predictions[kept - 1]
         outcome = _Outcome("adapt", reason, after, result, verdict, site_used=used)
         if request.site is not None:
-            self._save_site(request.site, spec, prepared, net, used, start_state, result.states[-1],
-                            start_consistency, after, kept, outcome)  # fmt: skip
+            refined = Refined(net, after, start_state, result.states[-1], start_consistency, kept)
+            save = save_next_version(self.store.sites, self.settings, spec,
+                                     self._base_tensors[spec.sha256], request.site,
+                                     prepared.slices, used, refined)  # fmt: skip
+            outcome.site_save_reason = save.reason
+            if save.version is not None and save.net is not None:
+                outcome.site_saved, outcome.site_saved_consistency = save.version, save.consistency
+                key = CacheKey(request.site, spec.name, save.version.version, spec.sha256,
+                               save.version.sha256)  # fmt: skip
+                self.site_models.put(key, save.net)
         return outcome
-
-    def _save_site(
-        self,
-        site: str,
-        spec: ModelSpec,
-        prepared: PreparedScan,
-        net: SegmentationNet,
-        started_from: SiteVersion | None,
-        start_state: dict[str, torch.Tensor],
-        scan_state: dict[str, torch.Tensor],
-        start_consistency: float,
-        after: SlicePrediction,
-        epochs: int,
-        outcome: _Outcome,
-    ) -> None:
-        """Save the site's next version (what differs from the base model) when
-        :func:`worker.site_update.choose_version` picks a candidate: the pooled statistics
-        (with the statistics-only refinement: the scan's own, the refinement's last point,
-        pooled with the base model's and the site's earlier scans', judged by one more pass
-        over this scan) or this scan's output (``net``, what the guard kept). The save is a
-        compare-and-set on ``started_from``: a version pools, and was judged against, the
-        version it started from, so when another job saved one meanwhile this one is not
-        saved (the report says so) rather than dropping that job's scan from the pool.
-        """
-        classes = len(spec.classes)
-        scans = (started_from.scans_refined if started_from else 0) + 1
-        candidates = [("this scan's output", net, after)]
-        if self.settings.refine_lr == 0:
-            kept = mutable_state(net)
-            base = base_statistics(self._base_tensors[spec.sha256], scan_state)
-            state = version_statistics(base, start_state, scan_state, scans - 1,
-                                       self.settings.site_statistics_prior,
-                                       self.settings.site_statistics)  # fmt: skip
-            if any(not torch.equal(state[k], kept[k]) for k in state):
-                pooled = copy.deepcopy(net)
-                load_state(pooled, state)
-                prediction = predict(pooled, prepared.slices, self.settings.refine_batch_size)
-                candidates.insert(0, ("the pooled statistics", pooled, prediction))
-        scores = [(name, foreground_dice(p.early, p.final, classes)) for name, _, p in candidates]
-        chosen, outcome.site_save_reason = choose_version(
-            scores, start_consistency, started_from is None, self.settings.site_first_save
-        )
-        if chosen is None:
-            return
-        candidate, consistency = candidates[chosen][1], scores[chosen][1]
-        delta = site_delta(mutable_state(candidate), self._base_tensors[spec.sha256])
-        try:  # compare-and-set: the version pools, and was judged against, its start
-            saved = self.store.sites.save(
-                site, spec, delta,
-                expected_version=started_from.version if started_from else None,
-                scans_refined=scans,
-                self_consistency_before=round(start_consistency, 6),
-                self_consistency_after=round(consistency, 6),
-                refinement_epochs=epochs,
-            )  # fmt: skip
-        except VersionConflictError:
-            start = f"version {started_from.version}" if started_from else "the base model"
-            outcome.site_save_reason = (
-                f"not saved: another job saved a version of the site while this one refined "
-                f"from {start} (it would have saved: {outcome.site_save_reason})"
-            )
-            return
-        outcome.site_saved, outcome.site_saved_consistency = saved, consistency
-        key = CacheKey(site, spec.name, saved.version, spec.sha256, saved.sha256)
-        self.site_models.put(key, candidate)

@@ -41,8 +41,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -50,6 +49,12 @@ import torch
 
 from sitefit import defaults
 from sitefit.settings import StatisticsAverage
+from worker.batchnorm import (
+    cumulative_average,
+    interpolate_statistics,
+    is_running_statistic,
+    set_buffers,
+)
 from worker.inference import (
     Execution,
     Precision,
@@ -61,6 +66,7 @@ from worker.inference import (
     running,
 )
 from worker.nets import SegmentationNet, probabilities, soft_cross_entropy
+from worker.weights import mutable_state
 
 BatchNormMode = Literal["train", "frozen"]
 StopReason = Literal["converged", "max_epochs"]
@@ -269,7 +275,7 @@ def _statistics_path(
     tick = time.perf_counter()
     start = mutable_state(net)
     net.train()
-    with _cumulative_average(net):
+    with cumulative_average(net):
         for _ in range(config.statistics_passes):
             order = torch.randperm(slices.shape[0], generator=generator).to(slices.device)
             for first in range(0, slices.shape[0], config.batch_size):
@@ -283,7 +289,7 @@ def _statistics_path(
     evaluated: list[tuple[dict[str, torch.Tensor], SlicePrediction, float]] = []
     for weight in path if accept is None else path[::-1]:
         state = interpolate_statistics(start, scan, weight)
-        _set_buffers(net, state)
+        set_buffers(net, state)
         prediction = run_eval(net, slices, execution, eval_batch)
         dice = foreground_dice(prediction.early, prediction.final, num_classes)
         evaluated.append((state, prediction, dice))
@@ -293,7 +299,7 @@ def _statistics_path(
             break
     if accept is not None:
         evaluated.reverse()  # path order
-        _set_buffers(net, scan)  # the last point, as without ``accept``
+        set_buffers(net, scan)  # the last point, as without ``accept``
     run = _Run(stopped="converged", train_seconds=tock - tick)
     for state, prediction, dice in evaluated:
         run.add(state, prediction, dice)
@@ -314,53 +320,6 @@ def scan_statistics(
     config = RefineConfig(learning_rate=0.0, statistics_path=(1.0,), statistics_passes=passes)
     refine(probe, slices, num_classes, 0.0, config)
     return {k: v for k, v in mutable_state(probe).items() if is_running_statistic(k)}
-
-
-def interpolate_statistics(
-    start: dict[str, torch.Tensor], end: dict[str, torch.Tensor], weight: float
-) -> dict[str, torch.Tensor]:
-    """``end`` with every BN running mean and variance ``weight`` of the way from ``start``'s
-    to its own (0: ``start``'s, 1: ``end``'s). Everything else is ``end``'s."""
-    out = dict(end)
-    for key, value in end.items():
-        if is_running_statistic(key) and key in start:
-            mixed = (1 - weight) * start[key].double() + weight * value.double()
-            out[key] = mixed.to(value.dtype)
-    return out
-
-
-def is_running_statistic(key: str) -> bool:
-    """Whether a state-dict key names a BN running mean or variance."""
-    return key.rsplit(".", 1)[-1] in ("running_mean", "running_var")
-
-
-def _set_buffers(net: SegmentationNet, state: dict[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for name, buffer in net.named_buffers():
-            if name in state:
-                buffer.copy_(state[name])
-
-
-@contextmanager
-def _cumulative_average(net: SegmentationNet) -> Iterator[None]:
-    """Inside, every BN layer's running statistics become the plain mean of the batch
-    statistics of the steps taken (PyTorch's ``momentum=None``, counted from 0, so the first
-    step drops the starting statistics). On exit each layer gets its momentum back and its
-    step count is the one it came in with plus the steps taken, as with the momentum
-    average."""
-    saved: list[tuple[torch.nn.BatchNorm2d, float | None, int]] = []
-    for layer in net.modules():
-        if isinstance(layer, torch.nn.BatchNorm2d) and layer.num_batches_tracked is not None:
-            saved.append((layer, layer.momentum, int(layer.num_batches_tracked)))
-            layer.momentum = None
-            layer.num_batches_tracked.zero_()
-    try:
-        yield
-    finally:
-        for layer, momentum, count in saved:
-            layer.momentum = momentum
-            assert layer.num_batches_tracked is not None
-            layer.num_batches_tracked.add_(count)
 
 
 def _step(
@@ -390,23 +349,3 @@ def _statistics_step(net: SegmentationNet, batch: torch.Tensor, execution: Execu
     The early head holds no batch norm, so the teacher's path is all that runs."""
     with torch.no_grad(), execution.autocast_context():
         net.body(net.init_path(batch))
-
-
-def snapshot(net: SegmentationNet) -> dict[str, torch.Tensor]:
-    """A detached copy of every parameter and buffer (to restore or compare later)."""
-    return {k: _copy(v) for k, v in net.state_dict().items()}
-
-
-def mutable_state(net: SegmentationNet) -> dict[str, torch.Tensor]:
-    """Copies of everything refinement can change: init-path tensors and every BN buffer."""
-    buffers = {name for name, _ in net.named_buffers()}
-    return {
-        k: _copy(v)
-        for k, v in net.state_dict().items()
-        if k.startswith("init_path.") or k in buffers
-    }
-
-
-def _copy(tensor: torch.Tensor) -> torch.Tensor:
-    # contiguous whatever layout the net runs in (channels_last during refinement)
-    return tensor.detach().clone(memory_format=torch.contiguous_format)

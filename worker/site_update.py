@@ -21,11 +21,20 @@ statistics").
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
-from sitefit.settings import SiteFirstSave, SiteStatistics
-from worker.refinement import interpolate_statistics, is_running_statistic
+from model_store.sites import SiteStore, SiteVersion
+from model_store.spec import ModelSpec
+from sitefit.exceptions import VersionConflictError
+from sitefit.settings import Settings, SiteFirstSave, SiteStatistics
+from worker.batchnorm import interpolate_statistics, is_running_statistic
+from worker.inference import SlicePrediction, foreground_dice, predict
+from worker.nets import SegmentationNet
+from worker.weights import load_state, mutable_state
 
 
 def pooled_state(
@@ -104,3 +113,84 @@ def choose_version(
         if score > start:
             return index, f"{name} beats the start's Dice(early, final) {start:.3f}: {figures}"
     return None, f"not saved: none beats the start's Dice(early, final) {start:.3f}: {figures}"
+
+
+@dataclass(frozen=True)
+class Refined:
+    """What a kept refinement of one scan leaves for the site's next version."""
+
+    net: SegmentationNet  # holds what the guard kept: this scan's output
+    after: SlicePrediction  # the output's prediction
+    start_state: dict[str, torch.Tensor]  # what the refinement started from
+    scan_state: dict[str, torch.Tensor]  # the refinement's last point (the scan's statistics)
+    start_consistency: float  # Dice(early, final) of the start on this scan
+    epochs: int
+
+
+@dataclass(frozen=True)
+class SiteSave:
+    """The outcome of :func:`save_next_version` (the report's ``site_weights`` block)."""
+
+    reason: str
+    version: SiteVersion | None = None  # None: nothing saved
+    consistency: float | None = None  # the saved version's Dice(early, final) on the scan
+    net: SegmentationNet | None = None  # the saved version, to keep warm
+
+
+def save_next_version(
+    sites: SiteStore,
+    settings: Settings,
+    spec: ModelSpec,
+    base: dict[str, np.ndarray],
+    site: str,
+    slices: torch.Tensor,
+    started_from: SiteVersion | None,
+    refined: Refined,
+) -> SiteSave:
+    """Save the site's next version (what differs from the base model ``base``) when
+    :func:`choose_version` picks a candidate: the pooled statistics (with the statistics-only
+    refinement: the scan's own, the refinement's last point, pooled with the base model's and
+    the site's earlier scans', judged by one more pass over ``slices``) or this scan's output
+    (``refined.net``, what the guard kept). The save is a compare-and-set on
+    ``started_from``: a version pools, and was judged against, the version it started from,
+    so when another job saved one meanwhile this one is not saved (the reason says so) rather
+    than dropping that job's scan from the pool.
+    """
+    classes = len(spec.classes)
+    scans = (started_from.scans_refined if started_from else 0) + 1
+    candidates = [("this scan's output", refined.net, refined.after)]
+    if settings.refine_lr == 0:
+        kept = mutable_state(refined.net)
+        state = version_statistics(
+            base_statistics(base, refined.scan_state), refined.start_state, refined.scan_state,
+            scans - 1, settings.site_statistics_prior, settings.site_statistics,
+        )  # fmt: skip
+        if any(not torch.equal(state[k], kept[k]) for k in state):
+            pooled = copy.deepcopy(refined.net)
+            load_state(pooled, state)
+            prediction = predict(pooled, slices, settings.refine_batch_size)
+            candidates.insert(0, ("the pooled statistics", pooled, prediction))
+    scores = [(name, foreground_dice(p.early, p.final, classes)) for name, _, p in candidates]
+    chosen, reason = choose_version(
+        scores, refined.start_consistency, started_from is None, settings.site_first_save
+    )
+    if chosen is None:
+        return SiteSave(reason)
+    candidate, consistency = candidates[chosen][1], scores[chosen][1]
+    delta = site_delta(mutable_state(candidate), base)
+    try:  # compare-and-set: the version pools, and was judged against, its start
+        saved = sites.save(
+            site, spec, delta,
+            expected_version=started_from.version if started_from else None,
+            scans_refined=scans,
+            self_consistency_before=round(refined.start_consistency, 6),
+            self_consistency_after=round(consistency, 6),
+            refinement_epochs=refined.epochs,
+        )  # fmt: skip
+    except VersionConflictError:
+        start = f"version {started_from.version}" if started_from else "the base model"
+        return SiteSave(
+            f"not saved: another job saved a version of the site while this one refined "
+            f"from {start} (it would have saved: {reason})"
+        )
+    return SiteSave(reason, saved, consistency, candidate)

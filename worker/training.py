@@ -19,11 +19,12 @@ from model_store.spec import ModelSpec, TrainingInfo, Validation, check_name
 from sitefit import defaults
 from sitefit.exceptions import InvalidInputError
 from worker.augmentation import augment_intensity
+from worker.batchnorm import is_running_statistic
 from worker.dataset import Slices, load_slices, read_dataset
 from worker.inference import foreground_dice, predict
 from worker.nets import NetConfig, SegmentationNet, supervised_loss
-from worker.refinement import is_running_statistic, scan_statistics, snapshot
-from worker.weights import architecture_of, to_numpy
+from worker.refinement import scan_statistics
+from worker.weights import architecture_of, snapshot, to_numpy
 
 Log = Callable[[str], None]
 HeadStatistics = Literal["scan", "source"]

@@ -1,4 +1,5 @@
-"""Moving weights between torch modules and the model store's numpy tensors."""
+"""Moving weights between torch modules and the model store's numpy tensors, and copies of a
+net's state to restore or compare later."""
 
 from __future__ import annotations
 
@@ -76,3 +77,23 @@ def build_net(
     net = SegmentationNet(net_config(spec.architecture))
     load_numpy(net, tensors)
     return net.to(device).eval()
+
+
+def snapshot(net: SegmentationNet) -> dict[str, torch.Tensor]:
+    """A detached copy of every parameter and buffer (to restore or compare later)."""
+    return {k: _copy(v) for k, v in net.state_dict().items()}
+
+
+def mutable_state(net: SegmentationNet) -> dict[str, torch.Tensor]:
+    """Copies of everything refinement can change: init-path tensors and every BN buffer."""
+    buffers = {name for name, _ in net.named_buffers()}
+    return {
+        k: _copy(v)
+        for k, v in net.state_dict().items()
+        if k.startswith("init_path.") or k in buffers
+    }
+
+
+def _copy(tensor: torch.Tensor) -> torch.Tensor:
+    # contiguous whatever layout the net runs in (channels_last during refinement)
+    return tensor.detach().clone(memory_format=torch.contiguous_format)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Iterator, Sequence
 
@@ -11,7 +10,6 @@ import numpy.typing as npt
 import pytest
 import surface_distance
 from scipy import ndimage
-from surface_distance import lookup_tables
 
 from sitefit import metrics
 from sitefit.metrics import dice, overlap, overlap_per_class, surface_dice
@@ -73,33 +71,6 @@ def blob_pair(
 
 
 SPACINGS = [(1.0, 1.0, 1.0), (0.9, 1.1, 1.5), (1.0, 1.0, 2.0), (0.5, 0.5, 3.0), (2.0, 0.8, 1.2)]
-
-
-# --- the surfel area table ----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("spacing", [*SPACINGS, (0.3, 2.7, 1.0)])
-def test_area_table_is_the_packages(spacing: tuple[float, float, float]) -> None:
-    expected = lookup_tables.create_table_neighbour_code_to_surface_area(spacing)
-    table = metrics._surfel_area_table(spacing)
-    np.testing.assert_allclose(table, expected, rtol=1e-14, atol=0)
-    assert table[0] == table[255] == 0
-    assert np.all(table[1:255] > 0)  # every mixed cube is a surfel with some area
-
-
-def test_neighbour_codes_are_the_packages_encoding() -> None:
-    # One voxel at each of the eight positions of a 2x2x2 cube gives the kernel's bit there.
-    for a, b, c in itertools.product((0, 1), repeat=3):
-        mask = np.zeros((2, 2, 2), dtype=bool)
-        mask[a, b, c] = True
-        codes = metrics._neighbour_codes(mask, ((0, 2), (0, 2), (0, 2)), (0, 0, 0))
-        expected = ndimage.correlate(
-            np.pad(mask, ((0, 1), (0, 1), (0, 1))).astype(np.uint8),
-            lookup_tables.ENCODE_NEIGHBOURHOOD_3D_KERNEL,
-            mode="constant",
-            cval=0,
-        )
-        np.testing.assert_array_equal(codes, expected)
 
 
 # --- surface Dice against the package -----------------------------------------------------------

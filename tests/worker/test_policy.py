@@ -13,9 +13,10 @@ from model_store.sites import SiteVersion
 from sitefit.exceptions import InvalidInputError
 from sitefit.settings import Settings
 from tests.conftest import PhantomCase
+from worker.batchnorm import is_running_statistic
 from worker.engine import Engine, Progress, SegmentRequest, SegmentResult
 from worker.policy import auto_fast_path
-from worker.refinement import is_running_statistic, mutable_state
+from worker.weights import mutable_state
 
 GUARD_SIGNALS = {
     "agreement_start_vs_adapted_dice", "volume_change", "entropy_before", "entropy_after",

@@ -7,15 +7,11 @@ from dataclasses import replace
 import pytest
 import torch
 
+from worker.batchnorm import is_running_statistic
 from worker.inference import SlicePrediction, foreground_dice, predict
 from worker.nets import NetConfig, SegmentationNet
-from worker.refinement import (
-    RefineConfig,
-    is_running_statistic,
-    refine,
-    scan_statistics,
-    snapshot,
-)
+from worker.refinement import RefineConfig, refine, scan_statistics
+from worker.weights import snapshot
 
 
 @pytest.fixture(autouse=True)

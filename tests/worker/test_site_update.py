@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
+from worker.batchnorm import is_running_statistic
 from worker.nets import NetConfig, SegmentationNet
-from worker.refinement import is_running_statistic, mutable_state
 from worker.site_update import choose_version, pooled_state, site_delta, version_statistics
+from worker.weights import mutable_state
 
 
 def _state(offset: float) -> dict[str, torch.Tensor]:
