@@ -107,3 +107,19 @@ def test_validation_message_counts_further_problems() -> None:
     assert response.status_code == 422 and b'"x"' not in response.body
     only_body = RequestValidationError([{"loc": ("body", "a", 0), "msg": "Field required"}])
     assert validation_message(only_body) == "invalid request field 'a.0': Field required"
+
+
+def test_the_openapi_document_shows_the_one_line_error_body_for_refused_parameters(
+    tmp_path: Path,
+) -> None:
+    document = client(service_settings(tmp_path)).get("/openapi.json").json()
+    error_body = {"$ref": "#/components/schemas/ErrorResponse"}
+    refusals = [
+        operation["responses"]["422"]["content"]["application/json"]["schema"]
+        for operations in document["paths"].values()
+        for operation in operations.values()
+        if "422" in operation["responses"]
+    ]
+    assert len(refusals) >= 7  # the upload, four job routes, two site routes
+    assert all(schema == error_body for schema in refusals)
+    assert "HTTPValidationError" not in str(document)
