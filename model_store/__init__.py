@@ -15,7 +15,9 @@ name; a directory holding the same two files is accepted too.
 from __future__ import annotations
 
 import io
+import lzma
 import tarfile
+import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -62,6 +64,9 @@ class ModelStore:
         spec = self.models.spec(ref)
         payload = self.models.payload(spec)  # verified against its checksum
         path = Path(path)
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            # replacing it would swap a device, a directory or a link for a plain file
+            raise InvalidInputError(f"{path} exists and is not a regular file: choose a file path")
         if path.exists() and not overwrite:
             raise InvalidInputError(f"{path} exists: choose another path")
         buffer = io.BytesIO()
@@ -114,8 +119,10 @@ def _read_export(path: Path) -> tuple[bytes, bytes]:
     try:
         with tarfile.open(path, mode="r:*") as archive:
             return _member(archive, path, SPEC_FILE), _member(archive, path, WEIGHTS_FILE)
-    except (tarfile.TarError, OSError) as error:
-        raise InvalidInputError(f"{path}: not a model export tar file ({error})") from None
+    except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError) as error:
+        # a truncated or corrupt compressed export fails in the decompressor, not in tarfile
+        kind = error if str(error) else type(error).__name__
+        raise InvalidInputError(f"{path}: not a model export tar file ({kind})") from None
 
 
 def _member(archive: tarfile.TarFile, path: Path, name: str) -> bytes:

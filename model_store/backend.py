@@ -7,9 +7,11 @@ temporary files). The contract, per operation:
 
 - ``read(key)``: the whole object, or :class:`ModelStoreError` when it is missing/unreadable.
 - ``write(key, data)``: atomic replace; a reader sees the old object or the whole new one.
-- ``create_exclusive(prefix, files)``: publish a set of files under ``prefix`` all at once,
-  only if ``prefix`` does not exist yet; ``False`` when it does (lost a compare-and-set). On
-  object storage: upload the files, then a conditional put (``If-None-Match: *``) of a marker.
+- ``create_exclusive(prefix, files, parent_must_exist=False)``: publish a set of files under
+  ``prefix`` all at once, only if ``prefix`` does not exist yet (and, with
+  ``parent_must_exist``, only if its parent still does: a prefix deleted meanwhile stays
+  deleted); ``False`` otherwise (lost a compare-and-set). On object storage: upload the
+  files, then a conditional put (``If-None-Match: *``) of a marker.
 - ``children(prefix)``: names directly under ``prefix`` (sorted; ``[]`` when there is none).
 - ``delete(prefix)``: remove an object or everything under a prefix; ``False`` if none.
 
@@ -41,7 +43,9 @@ class StorageBackend(Protocol):
 
     def write(self, key: str, data: bytes) -> None: ...
 
-    def create_exclusive(self, prefix: str, files: Mapping[str, bytes]) -> bool: ...
+    def create_exclusive(
+        self, prefix: str, files: Mapping[str, bytes], *, parent_must_exist: bool = False
+    ) -> bool: ...
 
     def children(self, prefix: str = "") -> list[str]: ...
 
@@ -94,8 +98,12 @@ class FilesystemBackend:
         except OSError as error:
             raise ModelStoreError(f"{self.path(key)}: cannot write ({error.strerror})") from None
 
-    def create_exclusive(self, prefix: str, files: Mapping[str, bytes]) -> bool:
-        """Publish ``files`` (flat names) as the directory ``prefix``, unless it exists."""
+    def create_exclusive(
+        self, prefix: str, files: Mapping[str, bytes], *, parent_must_exist: bool = False
+    ) -> bool:
+        """Publish ``files`` (flat names) as the directory ``prefix``, unless it exists (or,
+        with ``parent_must_exist``, unless its parent is gone: the staging directory lives in
+        the parent, so a parent deleted at any point before the rename fails the publish)."""
         parts = split_key(prefix)
         if not parts or not files:
             raise ValueError("create_exclusive needs a non-empty prefix and at least one file")
@@ -106,12 +114,14 @@ class FilesystemBackend:
         if target.exists():
             return False
         try:
-            with staging_dir(target.parent) as staged:
+            with staging_dir(target.parent, create=not parent_must_exist) as staged:
                 for name, data in files.items():
                     _write_durable(staged / name, data)
                 fsync_dir(staged)
                 return _publish(staged, target)
         except OSError as error:
+            if parent_must_exist and not target.parent.is_dir():
+                return False  # deleted meanwhile (a tombstone took the staging directory)
             raise ModelStoreError(f"{target}: cannot publish ({error.strerror})") from None
 
     def children(self, prefix: str = "") -> list[str]:

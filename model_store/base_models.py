@@ -12,6 +12,7 @@ version number.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +23,17 @@ from safetensors.numpy import save as save_tensors
 from model_store.backend import StorageBackend, backend_of
 from model_store.files import sha256_bytes
 from model_store.spec import NAME_PATTERN, ModelSpec, check_name
-from sitefit.exceptions import InvalidInputError, ModelNotFoundError, ModelStoreError
+from sitefit.exceptions import (
+    InvalidInputError,
+    ModelNotFoundError,
+    ModelStoreError,
+    VersionConflictError,
+)
 
 WEIGHTS_FILE = "weights.safetensors"
 SPEC_FILE = "spec.json"
+VERSION_PATTERN = re.compile(r"[1-9][0-9]{0,8}")  # ASCII digits, no leading zero
+REGISTER_ATTEMPTS = 50  # registrations lost to other processes before giving up
 Tensors = dict[str, np.ndarray]
 
 
@@ -38,14 +46,15 @@ def parse_model_ref(ref: str) -> tuple[str, int | None]:
         raise InvalidInputError(str(error)) from None
     if not version or version == "latest":
         return name, None
-    if not version.isdigit() or int(version) < 1:
+    if not VERSION_PATTERN.fullmatch(version):
         raise InvalidInputError(f"invalid model version {version!r}: expected a positive integer")
     return name, int(version)
 
 
 def version_numbers(names: list[str]) -> list[int]:
     """The positive integers among directory names, sorted."""
-    return sorted(int(n) for n in names if n.isdigit() and not n.startswith("0"))
+    # str.isdigit() would also accept "²" and "١٠", which int() refuses or misreads
+    return sorted(int(n) for n in names if VERSION_PATTERN.fullmatch(n))
 
 
 class BaseModelRegistry:
@@ -69,13 +78,19 @@ class BaseModelRegistry:
     def register_payload(self, spec: ModelSpec, payload: bytes) -> ModelSpec:
         """Store an already serialised safetensors file, byte for byte, as the next version."""
         checksum = sha256_bytes(payload)
-        while True:
-            version = max(self.versions(spec.name), default=0) + 1
+        floor = 0
+        for _ in range(REGISTER_ATTEMPTS):
+            version = max(*self.versions(spec.name), floor, 0) + 1
             stored = spec.model_copy(update={"version": version, "sha256": checksum})
             files = {WEIGHTS_FILE: payload, SPEC_FILE: stored.model_dump_json(indent=2).encode()}
             if self.backend.create_exclusive(f"{spec.name}/{version}", files):
                 return stored
-            # another process published this version first: take the next number
+            # another process published this version first: take the next number, past it
+            # even when a listing lags behind (NFS attribute caching)
+            floor = version
+        raise VersionConflictError(
+            f"model {spec.name!r}: gave up after {REGISTER_ATTEMPTS} conflicting registrations"
+        )
 
     def spec(self, ref: str) -> ModelSpec:
         """The spec of ``NAME`` (latest) or ``NAME@VERSION``."""

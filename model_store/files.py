@@ -11,6 +11,7 @@ version N" a compare-and-set.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import tempfile
@@ -24,11 +25,31 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def default_mode(directory: bool = False) -> int:
+    """The mode ``open`` or ``mkdir`` would give a new file or directory under the umask
+    (``mkstemp`` and ``mkdtemp`` make them private to the writer instead, which a store
+    shared by several accounts, e.g. a service and its operators, cannot read)."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
+@functools.cache
+def _umask() -> int:
+    # read, not set: setting it to read it would race with other threads creating files
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # no /proc (not Linux): once per process
+    os.umask(mask)
+    return mask
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that no reader ever sees a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, default_mode())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -42,10 +63,14 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 
 
 @contextlib.contextmanager
-def staging_dir(parent: Path) -> Iterator[Path]:
-    """A temporary directory under ``parent`` that is removed unless it was renamed away."""
-    parent.mkdir(parents=True, exist_ok=True)
+def staging_dir(parent: Path, create: bool = True) -> Iterator[Path]:
+    """A temporary directory under ``parent`` (created first when ``create``; otherwise a
+    missing parent raises ``FileNotFoundError``) that is removed unless it was renamed away.
+    It gets the mode a plain ``mkdir`` would, since it becomes a published directory."""
+    if create:
+        parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".staging-", dir=parent))
+    tmp.chmod(default_mode(directory=True))
     try:
         yield tmp
     finally:

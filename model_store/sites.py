@@ -139,6 +139,14 @@ class SiteStore:
         _check_model(model)
         return [self._meta(site, model, v) for v in self._versions(site, model)]
 
+    def latest_number(self, site: str, model: str) -> int | None:
+        """The number of ``site``'s latest version for ``model`` (None when none), read from
+        the listing alone: known even where that version's files are unreadable."""
+        check_site(site)
+        _check_model(model)
+        versions = self._versions(site, model)
+        return versions[-1] if versions else None
+
     def latest(self, site: str, model: str) -> SiteVersion | None:
         check_site(site)
         _check_model(model)
@@ -289,9 +297,13 @@ class SiteStore:
     def _create(self, meta: SiteVersion, data: bytes) -> SiteVersion:
         """Publish version ``meta.version``: the compare-and-set itself."""
         files = {DELTA_FILE: data, META_FILE: meta.model_dump_json(indent=2).encode()}
-        if not self.backend.create_exclusive(self._key(meta.site, meta.model, meta.version), files):
+        key = self._key(meta.site, meta.model, meta.version)
+        # a version after the first needs the site's history to still be there: a site
+        # deleted while a job refined it stays deleted
+        if not self.backend.create_exclusive(key, files, parent_must_exist=meta.version > 1):
             raise VersionConflictError(
-                f"{_where(meta)}: saved by another writer first; reload and retry"
+                f"{_where(meta)}: another writer saved this version, or deleted the site, "
+                f"first; reload and retry"
             )
         return meta
 

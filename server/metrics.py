@@ -104,7 +104,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_and_record)
         finally:
             route = _route_template(scope)
-            method = str(scope.get("method", ""))
+            method = _method_label(scope)
             self.metrics.requests.labels(route, method, str(status)).inc()
             self.metrics.latency.labels(route, method).observe(time.perf_counter() - started)
 
@@ -113,3 +113,13 @@ def _route_template(scope: Scope) -> str:
     route = scope.get("route")
     path = getattr(route, "path", None)
     return path if isinstance(path, str) else "unmatched"
+
+
+# Any token is a valid HTTP method to the server: labels take the standard ones only, so that
+# requests with made-up methods (no key needed) cannot grow /metrics without bound.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def _method_label(scope: Scope) -> str:
+    method = str(scope.get("method", ""))
+    return method if method in _METHODS else "other"

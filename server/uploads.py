@@ -88,6 +88,10 @@ class _Receiver:
         self._name = ""
         self._text = bytearray()
         self._file: BinaryIO | None = None
+        self.complete = False  # the closing boundary was seen
+
+    def on_end(self) -> None:
+        self.complete = True
 
     def on_part_begin(self) -> None:
         self._disposition, self._name, self._text, self._file = b"", "", bytearray(), None
@@ -182,14 +186,21 @@ async def receive(
         "on_header_value": receiver.on_header_value,
         "on_header_end": receiver.on_header_end,
         "on_headers_finished": receiver.on_headers_finished,
+        "on_end": receiver.on_end,
     }
     parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+    body = 0  # the whole body counts, not only the parts: the parser discards an epilogue
     try:
         async for chunk in stream:
+            body += len(chunk)
+            if body > max_bytes:
+                raise PayloadTooLargeError(f"upload exceeds the limit of {max_bytes:,} bytes")
             parser.write(chunk)
             if receiver.pending:
                 await anyio.to_thread.run_sync(receiver.write_pending)
         parser.finalize()
+        if not receiver.complete:  # cut off: the last part may be short, fields may be missing
+            raise MalformedRequestError("incomplete multipart body: no closing boundary")
         await anyio.to_thread.run_sync(receiver.sync)
     except FormParserError as error:
         raise MalformedRequestError(f"malformed multipart body ({error})") from None

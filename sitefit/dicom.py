@@ -27,6 +27,7 @@ from __future__ import annotations
 import io
 import math
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -39,7 +40,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 
 from sitefit.defaults import MIN_SPATIAL_SIZE
-from sitefit.exceptions import InvalidInputError
+from sitefit.exceptions import InvalidInputError, SitefitError
 from sitefit.job_store import storage_error
 from sitefit.volume import save_image_atomic
 from sitefit.volume.header import nib
@@ -123,7 +124,8 @@ def _read_member(archive: zipfile.ZipFile, number: int, info: zipfile.ZipInfo) -
     try:
         with archive.open(info) as handle:
             return handle.read(info.file_size + 1)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, OSError, EOFError):
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, OSError, EOFError,
+            ValueError, zlib.error):  # fmt: skip
         raise _refuse(f"member #{number} cannot be extracted (corrupt or unsupported)") from None
     except RuntimeError:  # encrypted member
         raise _refuse(f"member #{number} is encrypted; expected an unencrypted zip") from None
@@ -281,10 +283,25 @@ def _pixels(dataset: Any, number: int, shape: tuple[int, int]) -> npt.NDArray[np
 
 
 def read_series_zip(path: Path, max_voxels: int) -> DicomVolume:
-    """Read the zip at ``path`` as one DICOM series (see the module docstring)."""
+    """Read the zip at ``path`` as one DICOM series (see the module docstring).
+
+    Anything wrong with the file is an :class:`InvalidInputError`: the zip and DICOM parsers
+    raise many exception types for corrupt data, and an upload is untrusted input. Messages
+    name the exception's type only, never its text, which may quote header values (PHI).
+    """
+    try:
+        return _read_series_zip(path, max_voxels)
+    except (SitefitError, MemoryError):
+        raise
+    except Exception as error:
+        kind = type(error).__name__
+        raise _refuse(f"cannot be read (corrupt or unsupported: {kind})") from None
+
+
+def _read_series_zip(path: Path, max_voxels: int) -> DicomVolume:
     try:
         archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError):
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError):
         raise _refuse("not a readable zip file") from None
     headers: list[_Slice] = []
     pixels: dict[int, npt.NDArray[np.float32]] = {}

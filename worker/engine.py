@@ -89,6 +89,14 @@ class SiteModel:
     net: SegmentationNet  # shared with the cache: never refine it in place
 
 
+@dataclass(frozen=True)
+class SiteLookup:
+    """What the store holds for the job's site and model."""
+
+    usable: SiteModel | None = None  # the latest version, when it can be used
+    latest_version: int | None = None  # its number, usable or not: what a save compares with
+
+
 @dataclass
 class _Outcome:
     mode_used: Mode
@@ -160,13 +168,13 @@ class Engine:
         prepared = prepare_scan(scan, spec.slice_axis, self.device)
         base_net = self.base_net(spec)
         warnings: list[str] = []
-        site = self._site_model(request, spec, warnings)
+        lookup = self._site_model(request, spec, warnings)
         clock.lap("load")
 
         notify(Progress("segmenting"))
         base = predict(base_net, prepared.slices, self.settings.refine_batch_size)
         clock.lap("segment")
-        outcome = self._apply_policy(request, spec, prepared, base, base_net, site, notify)
+        outcome = self._apply_policy(request, spec, prepared, base, base_net, lookup, notify)
         clock.lap("adapt")
 
         notify(Progress("metrics"))
@@ -220,14 +228,16 @@ class Engine:
 
     def _site_model(
         self, request: SegmentRequest, spec: ModelSpec, warnings: list[str]
-    ) -> SiteModel | None:
-        """The site's latest usable weights, or None (with a warning when they are unusable)."""
+    ) -> SiteLookup:
+        """The site's latest weights, when usable (a warning says why when they are not)."""
         if request.site is None or request.mode == "none":
-            return None
+            return SiteLookup()
+        number = None
         try:
+            number = self.store.sites.latest_number(request.site, spec.name)
             latest = self.store.sites.latest(request.site, spec.name)
             if latest is None:
-                return None
+                return SiteLookup()
             site, version = request.site, latest
 
             def materialise() -> SegmentationNet:
@@ -239,8 +249,8 @@ class Engine:
             net = self.site_models.get_or_create(key, materialise)
         except ModelStoreError as error:
             warnings.append(f"site weights unusable, base model used instead: {error}")
-            return None
-        return SiteModel(latest, net)
+            return SiteLookup(latest_version=number)
+        return SiteLookup(SiteModel(latest, net), latest.version)
 
     def _apply_policy(
         self,
@@ -249,9 +259,10 @@ class Engine:
         prepared: PreparedScan,
         base: SlicePrediction,
         base_net: SegmentationNet,
-        site: SiteModel | None,
+        lookup: SiteLookup,
         notify: ProgressCallback,
     ) -> _Outcome:
+        site = lookup.usable
         batch = self.settings.refine_batch_size
         classes = len(spec.classes)
         if request.mode == "none":
@@ -280,8 +291,8 @@ class Engine:
                 reason += f" ({why})"
         elif request.mode == "auto":
             reason = "no cached weights for this site: " + reason
-        outcome = self._refine(request, spec, prepared, base_net, base, site, candidate, reason,
-                               notify)  # fmt: skip
+        outcome = self._refine(request, spec, prepared, base_net, base, lookup, candidate,
+                               reason, notify)  # fmt: skip
         outcome.site_consistency = consistency
         return outcome
 
@@ -292,11 +303,12 @@ class Engine:
         prepared: PreparedScan,
         base_net: SegmentationNet,
         base: SlicePrediction,
-        site: SiteModel | None,
+        lookup: SiteLookup,
         candidate: SlicePrediction | None,
         reason: str,
         notify: ProgressCallback,
     ) -> _Outcome:
+        site = lookup.usable
         classes = len(spec.classes)
         net = copy.deepcopy(site.net) if site else base_net
         start = candidate if candidate is not None else base
@@ -335,7 +347,8 @@ class Engine:
             refined = Refined(net, after, start_state, result.states[-1], start_consistency, kept)
             save = save_next_version(self.store.sites, self.settings, spec,
                                      self._base_tensors[spec.sha256], request.site,
-                                     prepared.slices, used, refined)  # fmt: skip
+                                     prepared.slices, used, lookup.latest_version,
+                                     refined)  # fmt: skip
             outcome.site_save_reason = save.reason
             if save.version is not None and save.net is not None:
                 outcome.site_saved, outcome.site_saved_consistency = save.version, save.consistency

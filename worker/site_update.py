@@ -29,7 +29,7 @@ import torch
 
 from model_store.sites import SiteStore, SiteVersion
 from model_store.spec import ModelSpec
-from sitefit.exceptions import VersionConflictError
+from sitefit.exceptions import ModelStoreError, VersionConflictError
 from sitefit.settings import Settings, SiteFirstSave, SiteStatistics
 from worker.batchnorm import interpolate_statistics, is_running_statistic
 from worker.inference import SlicePrediction, foreground_dice, predict
@@ -145,6 +145,7 @@ def save_next_version(
     site: str,
     slices: torch.Tensor,
     started_from: SiteVersion | None,
+    latest_version: int | None,
     refined: Refined,
 ) -> SiteSave:
     """Save the site's next version (what differs from the base model ``base``) when
@@ -152,9 +153,12 @@ def save_next_version(
     refinement: the scan's own, the refinement's last point, pooled with the base model's and
     the site's earlier scans', judged by one more pass over ``slices``) or this scan's output
     (``refined.net``, what the guard kept). The save is a compare-and-set on
-    ``started_from``: a version pools, and was judged against, the version it started from,
-    so when another job saved one meanwhile this one is not saved (the reason says so) rather
-    than dropping that job's scan from the pool.
+    ``latest_version``, the number of the site's latest version when the job looked (that of
+    ``started_from``, or of a version that was unusable, e.g. made for another base model, in
+    which case the refinement started from the base model): a version pools, and was judged
+    against, what it started from, so when another job saved one meanwhile this one is not
+    saved (the reason says so) rather than dropping that job's scan from the pool. Saving is
+    a side effect of the job: a store that cannot be written is a reason, not an error.
     """
     classes = len(spec.classes)
     scans = (started_from.scans_refined if started_from else 0) + 1
@@ -181,7 +185,7 @@ def save_next_version(
     try:  # compare-and-set: the version pools, and was judged against, its start
         saved = sites.save(
             site, spec, delta,
-            expected_version=started_from.version if started_from else None,
+            expected_version=latest_version,
             scans_refined=scans,
             self_consistency_before=round(refined.start_consistency, 6),
             self_consistency_after=round(consistency, 6),
@@ -190,7 +194,9 @@ def save_next_version(
     except VersionConflictError:
         start = f"version {started_from.version}" if started_from else "the base model"
         return SiteSave(
-            f"not saved: another job saved a version of the site while this one refined "
-            f"from {start} (it would have saved: {reason})"
+            f"not saved: another job saved a version of the site, or deleted it, while this "
+            f"one refined from {start} (it would have saved: {reason})"
         )
+    except ModelStoreError as error:
+        return SiteSave(f"not saved: the site store cannot be written ({error})")
     return SiteSave(reason, saved, consistency, candidate)

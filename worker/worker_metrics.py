@@ -71,7 +71,7 @@ class WorkerMetrics:
         self.consistency = Histogram(
             "sitefit_self_consistency_dice",
             "Dice between the early-head and final masks, before and after refinement.",
-            ["model", "site", "phase"],
+            ["model", "phase"],  # no site: /metrics is open, and sites are many
             buckets=_UNIT,
             registry=registry,
         )
@@ -90,13 +90,12 @@ class WorkerMetrics:
         for stage in _STAGES:
             self.stage.labels(stage).observe(float(getattr(timings, stage)))
         self.epochs.labels(report.model.name).observe(report.refinement.epochs)
-        site = record.site or "none"
         for phase, overlap in (
             ("before", report.self_consistency.before),
             ("after", report.self_consistency.after),
         ):
             if overlap.dice is not None:
-                self.consistency.labels(report.model.name, site, phase).observe(overlap.dice)
+                self.consistency.labels(report.model.name, phase).observe(overlap.dice)
 
 
 class _LiveCollector(Collector):
@@ -119,6 +118,14 @@ class _LiveCollector(Collector):
             )
             yield GaugeMetricFamily(
                 "sitefit_model_cache_entries", "Nets in the model cache.", stats.entries
+            )
+        sites = getattr(getattr(self.engine, "store", None), "sites", None)
+        errors = getattr(sites, "integrity_errors", None)
+        if isinstance(errors, int):
+            yield CounterMetricFamily(
+                "sitefit_site_store_integrity_errors_total",
+                "Site weights found missing, torn or corrupt (the job used the base model).",
+                value=errors,
             )
         yield from _gpu_memory()
 

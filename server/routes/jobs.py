@@ -3,20 +3,22 @@
 Upload order, so that bad input never reaches the queue: key and content type, queue
 reachable, body streamed into a private staging directory within the size limit, fields
 checked (site name, the key's sites, mode, model known), scan and reference validated, then
-the job is published in the store and queued; if queueing fails the job is deleted and the
-answer is 503.
+the job is published in the store and queued; if publishing or queueing fails the job is
+deleted (queueing: the answer is 503), so no job the client was refused runs later.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
-from typing import Annotated
+from collections.abc import Iterator
+from typing import Annotated, BinaryIO
 
 from fastapi import APIRouter, Path, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import Response, StreamingResponse
 
 from model_store.sites import check_site
 from server import uploads
@@ -31,7 +33,7 @@ from server.errors import responses as error_responses
 from server.schemas import JobCreated, JobDeleted, JobLinks, JobView
 from server.services import Services, ServicesDep
 from server.validation import check_reference, check_scan
-from sitefit.job_store import MASK, REPORT, JobStorageError
+from sitefit.job_store import MASK, REPORT, JobStorageError, storage_error
 from sitefit.jobs import JobRecord, JobState, new_job_id, validate_mode
 from sitefit.report import Report
 
@@ -100,12 +102,12 @@ async def create_job(request: Request, services: ServicesDep, caller: CallerDep)
             request.stream(), boundary, staging, settings.max_upload_bytes
         )
         record = await run_in_threadpool(_check_upload, services, caller, upload, job_id)
-        await run_in_threadpool(services.store.publish, staging, record)
-    try:
-        await run_in_threadpool(services.queue.submit, job_id)
-    except Exception:
-        services.store.delete(job_id)
-        raise
+        try:  # a job the client is told failed must not be left published, never queued
+            await run_in_threadpool(services.store.publish, staging, record)
+            await run_in_threadpool(services.queue.submit, job_id)
+        except Exception:
+            await run_in_threadpool(services.store.delete, job_id)
+            raise
     services.metrics.submitted.labels(record.mode).inc()
     log.info(
         "job %s: queued (model %s, site %s, mode %s, %s, by %s)",
@@ -193,20 +195,36 @@ def _require_finished(state: JobState) -> None:
 
 @router.get(
     "/{job_id}/mask",
-    response_class=FileResponse,
+    response_class=StreamingResponse,
     responses={
         200: {"content": {"application/gzip": {}}, "description": "NIfTI mask (.nii.gz)"},
         **error_responses(404, 409),
     },
     summary="The mask, on the input's voxel grid and affine",
 )
-def get_mask(job_id: JobId, services: ServicesDep, caller: CallerDep) -> FileResponse:
+def get_mask(job_id: JobId, services: ServicesDep, caller: CallerDep) -> StreamingResponse:
     state = _owned(services, caller, job_id)
     _require_finished(state)
-    path = services.store.path(job_id, MASK)
-    if not path.is_file():
-        raise ResultNotReadyError(f"job {job_id} has no mask")
-    return FileResponse(path, media_type="application/gzip", filename=f"{job_id}_mask.nii.gz")
+    # opened here, not by the response later: a job deleted (or swept) meanwhile is a 409,
+    # and one deleted while the mask streams still streams from the open file
+    try:
+        handle = services.store.path(job_id, MASK).open("rb")
+    except (FileNotFoundError, IsADirectoryError):
+        raise ResultNotReadyError(f"job {job_id} has no mask") from None
+    except OSError as error:
+        raise storage_error("read the mask", error) from None
+    size = os.fstat(handle.fileno()).st_size
+    headers = {
+        "Content-Length": str(size),
+        "Content-Disposition": f'attachment; filename="{job_id}_mask.nii.gz"',
+    }
+    return StreamingResponse(_stream(handle), media_type="application/gzip", headers=headers)
+
+
+def _stream(handle: BinaryIO, chunk: int = 1 << 20) -> Iterator[bytes]:
+    with handle:
+        while data := handle.read(chunk):
+            yield data
 
 
 @router.get(

@@ -200,7 +200,10 @@ def sites_delete(args: argparse.Namespace) -> int:
     if not args.yes:
         if not sys.stdin.isatty():
             raise InvalidInputError(f"refusing to delete {what} without --yes")
-        answer = input(f"delete every saved version of {what}? [y/N] ")
+        try:
+            answer = input(f"delete every saved version of {what}? [y/N] ")
+        except EOFError:  # Ctrl-D: no answer is no
+            answer = ""
         if answer.strip().lower() not in ("y", "yes"):
             print("nothing deleted")
             return 1

@@ -53,7 +53,7 @@ def test_unknown_models_and_bad_refs(
     registry.register(make_spec(), make_tensors(0))
     with pytest.raises(ModelNotFoundError, match="no version 7"):
         registry.spec("brain@7")
-    for bad in ("../brain", "brain@0", "brain@x", ""):
+    for bad in ("../brain", "brain@0", "brain@x", "", "brain@²", "brain@01", "brain@١"):
         with pytest.raises(InvalidInputError):
             registry.spec(bad)
     assert registry.versions("../brain") == []
@@ -83,3 +83,34 @@ def test_corrupt_spec_is_a_store_error(
     (tmp_path / "brain" / "1" / "spec.json").write_text("{not json")
     with pytest.raises(ModelStoreError, match="unreadable spec"):
         registry.spec("brain")
+
+
+def test_version_folders_are_plain_ascii_numbers(
+    tmp_path: Path, make_spec: SpecFactory, make_tensors: TensorFactory
+) -> None:
+    registry = BaseModelRegistry(tmp_path)
+    registry.register(make_spec(), make_tensors(0))
+    for stray in ("²", "١٠", "01", "x"):  # isdigit() holds for the first two
+        (tmp_path / "brain" / stray).mkdir()
+    assert registry.versions("brain") == [1]
+    assert registry.register(make_spec(), make_tensors(1)).version == 2
+
+
+def test_a_lagging_listing_cannot_make_registration_spin(
+    tmp_path: Path, make_spec: SpecFactory, make_tensors: TensorFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    registry = BaseModelRegistry(tmp_path)
+    registry.register(make_spec(), make_tensors(0))
+    registry.register(make_spec(), make_tensors(1))
+    monkeypatch.setattr(registry, "versions", lambda name: [])  # e.g. NFS attribute caching
+    publishes: list[str] = []
+    publish = registry.backend.create_exclusive
+
+    def counted(prefix: str, files: dict[str, bytes], **kw: bool) -> bool:
+        publishes.append(prefix)
+        return publish(prefix, files, **kw)
+
+    monkeypatch.setattr(registry.backend, "create_exclusive", counted)
+    assert registry.register(make_spec(), make_tensors(2)).version == 3
+    assert publishes == ["brain/1", "brain/2", "brain/3"]  # each loss moves past itself

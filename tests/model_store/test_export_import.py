@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import io
+import lzma
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -104,3 +106,27 @@ def test_export_of_a_corrupt_model_fails(tmp_path: Path, source: ModelStore) -> 
     with pytest.raises(ModelStoreError, match="checksum"):
         source.export("brain", tmp_path / "x.tar")
     assert not (tmp_path / "x.tar").exists()
+
+
+def test_export_refuses_targets_that_are_not_regular_files(
+    tmp_path: Path, source: ModelStore
+) -> None:
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    link = tmp_path / "link.tar"
+    link.symlink_to(tmp_path / "elsewhere.tar")
+    for target in (folder, link):
+        with pytest.raises(InvalidInputError, match="not a regular file"):
+            source.export("brain", target, overwrite=True)
+    assert folder.is_dir() and link.is_symlink() and not (tmp_path / "elsewhere.tar").exists()
+
+
+@pytest.mark.parametrize("compress", [gzip.compress, lzma.compress])
+def test_import_refuses_a_truncated_compressed_export(
+    tmp_path: Path, source: ModelStore, compress: Callable[[bytes], bytes]
+) -> None:
+    source.export("brain", tmp_path / "brain.tar")
+    packed = compress((tmp_path / "brain.tar").read_bytes())
+    (tmp_path / "cut.tar.z").write_bytes(packed[: len(packed) * 2 // 3])
+    with pytest.raises(InvalidInputError, match="not a model export"):
+        source.import_(tmp_path / "cut.tar.z")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import importlib
 import multiprocessing
+import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -290,3 +292,32 @@ def test_processes_saving_one_site_leave_a_consistent_history(
     expected = {w * 100 + i for w in range(WRITERS) for i in range(1, SAVES_EACH + 1)}
     assert sorted(v for v in values if v % 100) == sorted(expected)
     assert values[0] % 100 == 0  # version 1 is the raw race's winner
+
+
+def test_a_site_deleted_while_a_job_saves_stays_deleted(
+    store: ModelStore, base: ModelSpec, make_tensors: TensorFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """The job read version 1 and saves version 2; the site is deleted in between (after
+    the save's own check, which the stale listing stands in for)."""
+    sites = store.sites
+    sites.save("gone", base, make_tensors(1), expected_version=None, **STATS)
+    sites.delete("gone")
+    monkeypatch.setattr(sites, "_versions", lambda site, model: [1])
+    with pytest.raises(VersionConflictError, match="deleted the site"):
+        sites.save("gone", base, make_tensors(2), expected_version=1, **STATS)
+    monkeypatch.undo()
+    assert sites.sites() == [] and not (Path(sites.backend.describe()) / "gone").exists()
+
+
+def test_published_versions_are_readable_as_plain_files_would_be(
+    store: ModelStore, base: ModelSpec, make_tensors: TensorFactory
+) -> None:
+    """Not private to the writer: a store shared by a service account and its operators."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    saved = store.sites.save("shared", base, make_tensors(1), expected_version=None, **STATS)
+    folder = Path(store.sites.backend.describe()) / "shared" / "brain" / str(saved.version)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask
+    for name in (DELTA_FILE, META_FILE):
+        assert stat.S_IMODE((folder / name).stat().st_mode) == 0o666 & ~umask

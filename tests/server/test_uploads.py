@@ -9,6 +9,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+from server.errors import MalformedRequestError, PayloadTooLargeError
 from server.uploads import Upload, receive
 from sitefit.job_store import JobStorageError
 
@@ -54,3 +55,18 @@ def test_stores_the_whole_file_under_a_fixed_name(tmp_path: Path) -> None:
 def test_missing_staging_directory_is_a_storage_error(tmp_path: Path) -> None:
     with pytest.raises(JobStorageError, match="cannot store the upload"):
         _receive(_body(b"x" * 100, {}), tmp_path / "gone")
+
+
+@pytest.mark.parametrize("cut", [3, 40, 200])  # in the closing boundary, the file, its headers
+def test_a_body_cut_off_before_its_closing_boundary_is_refused(tmp_path: Path, cut: int) -> None:
+    body = _body(b"x" * 100, {"model": "tiny", "mode": "none"})
+    # the fields come first: mode=none would silently become the default if the cut were taken
+    body = body[: len(body) - cut]
+    with pytest.raises(MalformedRequestError, match="incomplete multipart body"):
+        _receive(body, tmp_path)
+
+
+def test_the_limit_counts_the_whole_body_epilogue_included(tmp_path: Path) -> None:
+    body = _body(b"x" * 100, {"model": "tiny"}) + b"junk after the closing boundary" * 40_000
+    with pytest.raises(PayloadTooLargeError, match="exceeds the limit"):
+        _receive(body, tmp_path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -187,3 +189,31 @@ def test_conversion_leaves_no_temporary_file(tmp_path: Path) -> None:
     out.parent.mkdir()
     series_zip_to_nifti(zipped, out, MAX_VOXELS)
     assert [p.name for p in out.parent.iterdir()] == ["scan.nii.gz"]
+
+
+def _damaged_copies(good: bytes) -> dict[str, bytes]:
+    """The same series zip with its compressed data, its version field or a member name
+    damaged (each raised an exception of the zip module's own through the reader)."""
+    info = zipfile.ZipFile(io.BytesIO(good)).infolist()[0]
+    data_at = info.header_offset + 30 + len(info.filename.encode())
+    deflate = bytearray(good)
+    for k in range(5):
+        deflate[data_at + k] ^= 0xFF
+    end = good.rfind(b"PK\x05\x06")
+    directory_at = int.from_bytes(good[end + 16 : end + 20], "little")
+    version = bytearray(good)
+    version[directory_at + 6] = 99  # needs zip version 9.9 to extract
+    name = bytearray(good)
+    name[directory_at + 9] |= 0x08  # names are UTF-8 ...
+    name[directory_at + 46] = 0xFF  # ... but this one is not
+    return {"deflate": bytes(deflate), "version": bytes(version), "name": bytes(name)}
+
+
+@pytest.mark.parametrize("damage", ["deflate", "version", "name"])
+def test_a_damaged_zip_is_refused_not_an_error(tmp_path: Path, damage: str) -> None:
+    slices = dicom_slices(_volume(), _oblique_affine())
+    members = [(f"IM{i}.dcm", s) for i, s in enumerate(slices)]
+    good = write_zip(tmp_path / "good.zip", members)
+    damaged = tmp_path / "damaged.zip"
+    damaged.write_bytes(_damaged_copies(good.read_bytes())[damage])
+    assert _refusal(damaged).startswith("DICOM zip: ")

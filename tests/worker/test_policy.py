@@ -429,3 +429,37 @@ def test_a_site_deleted_and_saved_again_is_not_served_from_the_old_cache(
 
 def _labels(result: SegmentResult) -> np.ndarray:
     return np.asarray(result.mask.dataobj)
+
+
+def test_a_sites_unusable_latest_version_does_not_stop_it_saving_again(
+    engine: Engine, home_settings: Settings, consistent_brain_model: str,
+    shifted_brain_case: PhantomCase,
+) -> None:  # fmt: skip
+    """A latest version that cannot be used (corrupt here; made for an older base model
+    alike) is skipped: the refinement starts from the base model, and its version is saved
+    after the unusable one rather than lost to a compare-and-set against no version."""
+    model = consistent_brain_model
+    _seed_site(engine, model, "stuck")
+    delta = next(home_settings.sites_dir.glob("stuck/*/1/delta.safetensors.gz"))
+    delta.write_bytes(b"\0" * delta.stat().st_size)
+    report = engine.run(SegmentRequest(shifted_brain_case.image, model, "stuck", "adapt")).report
+    assert any("site weights unusable" in w for w in report.warnings)
+    assert report.guard is not None and report.guard.verdict == "kept", "premise: it would save"
+    assert report.site_weights.used_version is None
+    assert report.site_weights.saved_version == 2, report.site_weights.save_reason
+    saved = engine.store.sites.latest("stuck", model)
+    assert saved is not None and saved.scans_refined == 1  # from the base model
+    assert engine.store.sites.load("stuck", saved, engine.store.models.spec(model))
+
+
+def test_a_site_store_that_cannot_be_written_does_not_fail_the_job(
+    engine: Engine, home_settings: Settings, consistent_brain_model: str,
+    shifted_brain_case: PhantomCase,
+) -> None:  # fmt: skip
+    (home_settings.sites_dir / "blocked").write_bytes(b"a file where the site's folder goes")
+    request = SegmentRequest(shifted_brain_case.image, consistent_brain_model, "blocked", "adapt")
+    report = engine.run(request).report
+    assert report.guard is not None and report.guard.verdict == "kept", "premise: it would save"
+    assert report.site_weights.saved_version is None
+    reason = report.site_weights.save_reason
+    assert reason is not None and reason.startswith("not saved: the site store cannot be written")
