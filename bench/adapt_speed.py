@@ -79,7 +79,7 @@ from sitefit.metrics import dice as volume_dice  # noqa: E402
 from sitefit.metrics import surface_dice  # noqa: E402
 from sitefit.phantoms import DOMAINS, make_subject, write_dataset  # noqa: E402
 from sitefit.settings import StatisticsAverage  # noqa: E402
-from sitefit.volume import load_label_map, load_scan  # noqa: E402
+from sitefit.volume import load_label_map, load_scan, save_image_atomic  # noqa: E402
 from worker.guard import GuardConfig, acceptance, default_consistency_gain, judge  # noqa: E402
 from worker.inference import Precision, foreground_dice, predict  # noqa: E402
 from worker.nets import NetConfig, SegmentationNet  # noqa: E402
@@ -226,9 +226,7 @@ def volume_files(volume: Volume, work: Path) -> tuple[Path, Path]:
         out.header.set_xyzt_units("mm")
         out.set_qform(affine, code=1)
         out.set_sform(affine, code=1)
-        tmp = path.with_name(f".tmp-{path.name}")  # nibabel needs the .nii ending
-        nib.save(out, tmp)
-        tmp.replace(path)
+        save_image_atomic(out, path)
     print(
         f"volume {volume.name}: {phantom.image.shape} on {DOMAIN} at {volume.fov_mm:g} mm -> "
         f"canonical {image.shape}, {n} -> {t} slices -> {volume.shape}",

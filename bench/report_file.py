@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import fcntl
-import os
-import tempfile
 from pathlib import Path
+
+from sitefit.durable import write_atomic
 
 
 def replace_section(path: Path, key: str, title: str, body: str) -> None:
@@ -29,7 +29,4 @@ def _replace(path: Path, key: str, title: str, body: str) -> None:
         text = head + block + rest.split(end, 1)[1]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    write_atomic(path, text.encode("utf-8"))

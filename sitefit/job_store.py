@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import secrets
 import shutil
 import time
 from collections.abc import Iterator
@@ -36,7 +35,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
-from sitefit.durable import fsync_dir
+from sitefit.durable import fsync_dir, write_atomic
 from sitefit.exceptions import SitefitError
 from sitefit.jobs import (
     ID_PATTERN,
@@ -69,30 +68,23 @@ def storage_error(action: str, error: OSError) -> JobStorageError:
     return JobStorageError(f"job storage: cannot {action} ({reason})", disk_full=full)
 
 
+JOB_FILE_MODE = 0o640  # job files may hold a scan: not world-readable
+
+
 def _write_atomic(path: Path, data: bytes, *, exclusive: bool = False) -> bool:
-    """Write ``data`` to ``path`` via a fsynced temporary file; never creates directories.
+    """Write ``data`` to ``path`` atomically (mode 0640: job files may hold a scan); never
+    creates directories, so a job deleted meanwhile stays deleted.
 
     With ``exclusive``, the file is linked into place only if ``path`` does not exist yet
     (returns ``False`` when it does). Raises ``OSError`` (e.g. the directory is gone).
     """
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
     try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        write_atomic(path, data, mode=JOB_FILE_MODE, exclusive=exclusive)
+    except FileExistsError:
         if not exclusive:
-            os.replace(temporary, path)
-            return True
-        try:
-            os.link(temporary, path)
-        except FileExistsError:
-            return False
-        return True
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
+            raise
+        return False
+    return True
 
 
 class Final(BaseModel):

@@ -9,12 +9,9 @@ Files are byte-for-byte reproducible (the gzip header carries no timestamp).
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import json
 import numbers
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +19,7 @@ import nibabel
 import numpy as np
 import numpy.typing as npt
 
+from sitefit.durable import write_atomic
 from sitefit.exceptions import InvalidInputError
 from sitefit.phantoms.domains import get_domain
 from sitefit.phantoms.subject import (
@@ -49,21 +47,6 @@ def subject_seed(seed: int, index: int) -> int:
 def case_name(task: str, domain: str, seed: int, index: int) -> str:
     """nnU-Net case identifier of case ``index``."""
     return f"{task}_{domain}_{seed}_{index:03d}"
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
 
 
 def nifti_bytes(data: npt.NDArray[Any], affine: npt.NDArray[np.float64]) -> bytes:

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import math
-import os
-import secrets
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +12,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from sitefit.durable import fsync_dir
+from sitefit.durable import atomic_path
 from sitefit.exceptions import InvalidInputError, VolumeContentError, VolumeReadError
 from sitefit.volume.header import (
     FloatArray,
@@ -261,18 +258,5 @@ def save_image_atomic(image: Any, path: Path) -> None:
         raise InvalidInputError(
             f"{path.name}: unsupported output file type; expected a name ending in .nii or .nii.gz"
         ) from None
-    stem = path.name[: -len(suffix)]
-    temporary = path.with_name(f".{stem}.{secrets.token_hex(6)}.tmp{suffix}")
-    try:
+    with atomic_path(path, suffix=suffix) as temporary:
         nib.save(image, str(temporary))
-        descriptor = os.open(temporary, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            temporary.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)

@@ -23,7 +23,6 @@ from sitefit.phantoms import (
     subject_seed,
     write_dataset,
 )
-from sitefit.phantoms import dataset as dataset_module
 
 FOV = 32.0  # small and fast; the subject scales with the field of view
 
@@ -212,7 +211,7 @@ def test_crash_leaves_no_half_written_files(
             raise OSError("disk full")
         real_replace(src, dst)
 
-    monkeypatch.setattr(dataset_module.os, "replace", flaky_replace)
+    monkeypatch.setattr(os, "replace", flaky_replace)
     with pytest.raises(OSError, match="disk full"):
         write_dataset("brain", "a3t", 3, 0, tmp_path, fov_mm=FOV)
     names = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
