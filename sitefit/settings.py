@@ -21,7 +21,10 @@ SiteFirstSave = Literal["beats_start", "guarded"]  # worker.engine
 class Settings(BaseSettings):
     """All of sitefit's configuration. Construct once at the edge (CLI, app factory, worker)."""
 
-    model_config = SettingsConfigDict(env_prefix="SITEFIT_", extra="ignore")
+    # "null" unsets an optional setting (e.g. SITEFIT_AUTO_MARGIN=null: off)
+    model_config = SettingsConfigDict(
+        env_prefix="SITEFIT_", extra="ignore", env_parse_none_str="null"
+    )
 
     home: Path = Field(default=Path(defaults.HOME), description="Model store and job data root.")
     device: str | None = Field(
@@ -162,6 +165,15 @@ class Settings(BaseSettings):
     maintenance_interval_s: float = Field(
         default=5.0, gt=0, description="How often the API reaps dead jobs and expired data."
     )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_valid(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None  # SITEFIT_REDIS_URL= (empty): embedded mode, as when unset
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("the Redis URL must start with redis://, rediss:// or unix://")
+        return value
 
     @field_validator("api_keys")
     @classmethod

@@ -121,6 +121,8 @@ def run_job(
             reference=reference,
         )
         result = engine.run(request, on_progress)
+        if store.is_ended(job_id):  # another attempt finished, or the job was canceled
+            raise JobCanceled(job_id)
         save_image_atomic(result.mask, store.path(job_id, MASK))
         store.write_result(job_id, REPORT, result.report.model_dump_json(indent=2).encode())
         report = result.report
@@ -154,6 +156,12 @@ def _fail(store: JobStore, job_id: str, reason: str) -> Outcome:
 
 
 def _discard_results(store: JobStore, job_id: str) -> None:
+    """Remove this attempt's mask and report from a job it did not finish, unless another
+    attempt finished it: the files are that attempt's (or as good), and its job reads
+    finished."""
+    with contextlib.suppress(SitefitError):
+        if store.state(job_id).status == "finished":
+            return
     for name in (MASK, REPORT):
         with contextlib.suppress(OSError, SitefitError):
             store.path(job_id, name).unlink(missing_ok=True)

@@ -73,8 +73,24 @@ class SitefitWorker(SimpleWorker):
             beat.join()
         self.set_state(WorkerStatus.IDLE)
 
+    def keeps_beating(self, job: Job, working_s: float) -> bool:
+        """Whether the heartbeat of a job that has run ``working_s`` is still renewed: not
+        once it is three heartbeats past its time limit. A job stuck where the limit cannot
+        interrupt it (a hung native call: CUDA, a hard NFS mount) is then left to expire and
+        be declared abandoned, rather than held "running" for ever by this thread."""
+        timeout = job.timeout
+        return timeout is None or timeout < 0 or working_s <= timeout + 3 * self.heartbeat_s
+
     def _beat(self, job: Job, execution: Execution, done: threading.Event) -> None:
+        started = time.monotonic()
         while not done.wait(self.heartbeat_s):
+            if not self.keeps_beating(job, time.monotonic() - started):
+                log.error(
+                    "job %s: still running past its time limit of %s s, stuck where it cannot "
+                    "be interrupted; its heartbeat stops so that it is declared abandoned",
+                    job.id, job.timeout,
+                )  # fmt: skip
+                return
             try:
                 self.maintain_heartbeats(job, execution)
             except redis.RedisError as error:
@@ -109,19 +125,22 @@ def run_worker(settings: Settings, metrics_port: int | None = None, *, burst: bo
     connection = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5)
     backoff = 1.0
     while True:
-        worker = SitefitWorker(
-            [settings.queue_name],
-            connection=connection,
-            job_class=job_class,
-            serializer=JSONSerializer,
-            maintenance_interval=max(10, 3 * settings.worker_heartbeat_s),
-        )
-        worker.heartbeat_s = settings.worker_heartbeat_s
+        worker: SitefitWorker | None = None
         started = time.monotonic()
-        try:
+        try:  # building the worker talks to Redis too (CLIENT SETNAME): Redis may be down
+            worker = SitefitWorker(
+                [settings.queue_name],
+                connection=connection,
+                job_class=job_class,
+                serializer=JSONSerializer,
+                maintenance_interval=max(10, 3 * settings.worker_heartbeat_s),
+            )
+            worker.heartbeat_s = settings.worker_heartbeat_s
             worker.work(burst=burst, logging_level="INFO")
         except redis.RedisError as error:
             log.error("lost Redis (%s)", type(error).__name__)
+            if burst:
+                return 1  # could not drain the queue
         if burst or getattr(worker, "stop_requested_by_signal", False):
             return 0
         if time.monotonic() - started > 60:

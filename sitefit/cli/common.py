@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+import math
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -46,3 +49,34 @@ def _source(field: str | None, given: dict[str, Any]) -> str:
 def fmt(value: float | None) -> str:
     """A Dice-like figure with three decimals; ``n/a`` when there is none."""
     return "n/a" if value is None else f"{value:.3f}"
+
+
+def output_file(path: Path, flag: str) -> Path:
+    """``path`` if a file can be written there: checked before a long run, so that a typo
+    costs one line, not the run's result. Its folder must exist; it must not be a folder."""
+    if path.is_dir():
+        raise InvalidInputError(f"{flag} {path}: is a folder; expected a file path")
+    if not path.parent.is_dir():
+        raise InvalidInputError(f"{flag} {path}: the folder {path.parent} does not exist")
+    return path
+
+
+def written(path: Path, flag: str, error: OSError) -> InvalidInputError:
+    """One line for a failed write of an output file."""
+    return InvalidInputError(f"{flag} {path}: cannot write ({error.strerror or error})")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, not {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (a learning rate)."""
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, not {text}")
+    return value

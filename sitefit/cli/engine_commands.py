@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sitefit import defaults
-from sitefit.cli.common import fmt, load_settings
+from sitefit.cli.common import (
+    fmt,
+    load_settings,
+    output_file,
+    positive_float,
+    positive_int,
+    written,
+)
 from sitefit.exceptions import InvalidInputError, ModelNotFoundError
 from sitefit.report import MODES, Report
 
@@ -35,12 +42,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     train = subparsers.add_parser("train", help="train a base model on an nnU-Net v2 dataset")
     train.add_argument("dataset", type=Path, help="nnU-Net v2 raw dataset directory")
     train.add_argument("--name", required=True, help="model name in the store")
-    train.add_argument("--epochs", type=int, default=defaults.TRAIN_EPOCHS)
-    train.add_argument("--head-epochs", type=int, default=defaults.HEAD_EPOCHS)
-    train.add_argument("--batch-size", type=int, default=defaults.TRAIN_BATCH_SIZE)
-    train.add_argument("--lr", type=float, default=defaults.TRAIN_LR, help="U-Net learning rate")
+    train.add_argument("--epochs", type=positive_int, default=defaults.TRAIN_EPOCHS)
+    train.add_argument("--head-epochs", type=positive_int, default=defaults.HEAD_EPOCHS)
+    train.add_argument("--batch-size", type=positive_int, default=defaults.TRAIN_BATCH_SIZE)
     train.add_argument(
-        "--head-lr", type=float, default=defaults.HEAD_LR, help="early head learning rate"
+        "--lr", type=positive_float, default=defaults.TRAIN_LR, help="U-Net learning rate"
+    )
+    train.add_argument(
+        "--head-lr", type=positive_float, default=defaults.HEAD_LR, help="early head learning rate"
     )
     train.add_argument(
         "--head-statistics",
@@ -56,7 +65,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="re-image the early head's training slices as another scanner might",
     )
     train.add_argument("--seed", type=int, default=defaults.SEED)
-    train.add_argument("--base-channels", type=int, default=defaults.BASE_CHANNELS)
+    train.add_argument("--base-channels", type=positive_int, default=defaults.BASE_CHANNELS)
     train.add_argument("--slice-axis", type=int, default=2, help="canonical (RAS) axis, 0-2")
     train.add_argument("--device", default=None, help="cpu, cuda or cuda:N")
     train.set_defaults(handler=run_train)
@@ -124,15 +133,24 @@ def run_segment(args: argparse.Namespace) -> int:
 
     if not str(args.out).endswith((".nii", ".nii.gz")):
         raise InvalidInputError(f"--out {args.out}: the mask is written as .nii or .nii.gz")
+    output_file(args.out, "--out")
+    if args.report:
+        output_file(args.report, "--report")
     settings = load_settings(device=args.device)
     engine = Engine(settings)
     request = SegmentRequest(args.scan, args.model, args.site, args.mode, args.reference)
     result = engine.run(request, progress=None if args.quiet else _print_progress)
     from sitefit.volume import save_image_atomic
 
-    save_image_atomic(result.mask, args.out)
+    try:
+        save_image_atomic(result.mask, args.out)
+    except OSError as error:
+        raise written(args.out, "--out", error) from None
     if args.report:
-        _write_json_atomic(args.report, result.report.model_dump(mode="json"))
+        try:
+            _write_json_atomic(args.report, result.report.model_dump(mode="json"))
+        except OSError as error:
+            raise written(args.report, "--report", error) from None
     print(summarize(result.report))
     print(f"mask: {args.out}" + (f"  report: {args.report}" if args.report else ""))
     return 0
@@ -248,6 +266,6 @@ def _print_progress(progress: Progress) -> None:
 
 
 def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    from model_store.files import write_bytes_atomic
+    from sitefit.durable import write_atomic
 
-    write_bytes_atomic(path, (json.dumps(payload, indent=2) + "\n").encode())
+    write_atomic(path, (json.dumps(payload, indent=2) + "\n").encode())

@@ -41,7 +41,8 @@ _NIFTI2_MAGIC = b"n+2\x00\r\n\x1a\n"
 _GZIP_MAGIC = b"\x1f\x8b"
 _CANONICAL_ORNT = np.array([[0.0, 1.0], [1.0, 1.0], [2.0, 1.0]])
 _XYZ_UNIT_TO_MM = {1: 1000.0, 2: 1.0, 3: 0.001}  # NIfTI codes: meter, mm, micron
-_PHI_FIELDS = ("descrip", "aux_file", "db_name", "intent_name")
+# the header's free-text fields (data_type and db_name: NIfTI-1's unused ANALYZE ones)
+_PHI_FIELDS = ("descrip", "aux_file", "db_name", "data_type", "intent_name")
 
 
 @dataclass(frozen=True, eq=False)

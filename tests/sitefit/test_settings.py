@@ -1,5 +1,9 @@
 """Settings refuse combinations that cannot do what they say."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 from pydantic import ValidationError
 
@@ -23,3 +27,29 @@ def test_auto_margin_is_a_fraction_or_off() -> None:
     assert Settings(auto_margin=None).auto_margin is None
     with pytest.raises(ValidationError):
         Settings(auto_margin=-0.1)
+
+
+def _from_environment(**env: str) -> str:
+    """Settings() as a process with ``env`` sees it (the environment is not patched here)."""
+    code = (
+        "from sitefit.settings import Settings\n"
+        "try:\n    s = Settings()\n    print(s.auto_margin, s.redis_url)\n"
+        "except ValueError as e:\n    print('refused', e.errors()[0]['loc'])\n"
+    )
+    variables = {k: v for k, v in os.environ.items() if not k.startswith("SITEFIT_")}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env={**variables, **env}, capture_output=True, text=True,
+        check=True,
+    )  # fmt: skip
+    return done.stdout.strip()
+
+
+def test_null_unsets_an_optional_setting_from_the_environment() -> None:
+    assert _from_environment(SITEFIT_AUTO_MARGIN="null") == "None None"
+    assert _from_environment(SITEFIT_AUTO_MARGIN="0.05") == "0.05 None"
+
+
+def test_the_redis_url_is_a_redis_url_or_unset() -> None:
+    assert _from_environment(SITEFIT_REDIS_URL="") == "0.02 None"
+    assert _from_environment(SITEFIT_REDIS_URL="redis://h:6379/0") == "0.02 redis://h:6379/0"
+    assert _from_environment(SITEFIT_REDIS_URL="notaurl") == "refused ('redis_url',)"

@@ -29,6 +29,7 @@ from sitefit.volume import (
 
 MAX_VOXELS = 10**6
 PHI = b"DOE^JANE 1970-01-01"
+TEXT_FIELDS = ("descrip", "aux_file", "db_name", "data_type", "intent_name")
 _DIRECTIONS = {
     "R": (1, 0, 0),
     "L": (-1, 0, 0),
@@ -74,7 +75,8 @@ def _write(
     sform = affine.copy()
     sform[:3, 3] += 0.5
     image.set_sform(sform, code=sform_code)
-    image.header["descrip"] = PHI
+    for field in TEXT_FIELDS:  # every free-text field of the header holds PHI
+        image.header[field] = PHI[:16] if field in ("intent_name", "data_type") else PHI
     nib.save(image, str(path))
     return path
 
@@ -142,7 +144,8 @@ def test_round_trip_oblique_non_ras(
     assert int(reloaded.header["qform_code"]) == 1
     assert int(reloaded.header["sform_code"]) == 2
     assert aff2axcodes(reloaded.affine) == tuple(codes)
-    assert reloaded.header["descrip"].item() == b""
+    assert all(reloaded.header[field].item() == b"" for field in TEXT_FIELDS)
+    assert b"DOE" not in gzip.decompress(out_path.read_bytes())
     assert list(tmp_path.joinpath("out").iterdir()) == [out_path]
 
     # the voxel marked in canonical space lands on the same world coordinate

@@ -110,3 +110,29 @@ def test_deleted_or_unknown_jobs_are_skipped(
     store.cancel(job_id)
     assert run_job(job_id, store, engine) == "skipped"
     assert run_job(new_job_id(), store, engine) == "skipped"
+
+
+class _AnotherAttemptFinishesMeanwhile:
+    """The real engine; while this attempt's engine runs, another attempt of the same job
+    (requeued because this worker looked dead) runs and finishes it."""
+
+    def __init__(self, engine: Engine, store: JobStore, job_id: str) -> None:
+        self.engine, self.store, self.job_id = engine, store, job_id
+
+    def run(
+        self, request: SegmentRequest, progress: ProgressCallback | None = None
+    ) -> SegmentResult:
+        result = self.engine.run(request, progress)
+        assert run_job(self.job_id, self.store, self.engine) == "finished"
+        return result
+
+
+def test_a_late_attempt_leaves_the_finished_attempts_results_alone(
+    tmp_path: Path, engine: Engine, brain_model: str, shifted_brain_case: PhantomCase
+) -> None:
+    store = _store(tmp_path)
+    job_id = _publish(store, shifted_brain_case.image, brain_model, mode="none")
+    late = _AnotherAttemptFinishesMeanwhile(engine, store, job_id)
+    assert run_job(job_id, store, late) == "canceled"  # it lost: the other one finished
+    assert store.state(job_id).status == "finished"
+    assert store.path(job_id, MASK).is_file() and store.path(job_id, REPORT).is_file()

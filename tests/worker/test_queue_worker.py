@@ -17,8 +17,9 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from sitefit.jobs import QUEUED_FUNCTION, new_job_id
+from sitefit.settings import Settings
 from tests.server.processes import RedisProcess
-from worker.queue_worker import SitefitWorker, bound_job_class
+from worker.queue_worker import SitefitWorker, bound_job_class, run_worker
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +95,20 @@ def test_heartbeat_ttl_follows_the_configured_interval(connection: redis.Redis) 
         QUEUED_FUNCTION, args=(new_job_id(),), timeout=3600
     )
     assert worker.get_heartbeat_ttl(job) == 12  # not the job timeout + 60 of SimpleWorker
+
+
+def test_the_heartbeat_stops_three_beats_past_the_time_limit(connection: redis.Redis) -> None:
+    """A job stuck where its time limit cannot interrupt it must not stay running for ever."""
+    worker = SitefitWorker(["beat"], connection=connection, serializer=JSONSerializer)
+    worker.heartbeat_s = 2
+    queue = Queue("beat", connection=connection, serializer=JSONSerializer)
+    limited = queue.enqueue_call(QUEUED_FUNCTION, args=(new_job_id(),), timeout=30)
+    assert worker.keeps_beating(limited, 35.9)
+    assert not worker.keeps_beating(limited, 36.1)
+    unlimited = queue.enqueue_call(QUEUED_FUNCTION, args=(new_job_id(),), timeout=-1)
+    assert worker.keeps_beating(unlimited, 10**6)
+
+
+def test_a_burst_worker_without_redis_says_so_and_exits_non_zero(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path, redis_url="redis://127.0.0.1:1/0", device="cpu")
+    assert run_worker(settings, burst=True) == 1

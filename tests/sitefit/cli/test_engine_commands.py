@@ -182,3 +182,37 @@ def test_real_process_prints_no_traceback(tmp_path: Path, env_home: Settings) ->
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().startswith("sitefit: error:")
+
+
+@pytest.mark.parametrize("flag", ["--out", "--report"])
+@pytest.mark.parametrize("where", ["missing folder", "a folder"])
+def test_unwritable_outputs_are_refused_before_the_run(
+    flag: str,
+    where: str,
+    env_home: Settings,
+    brain_model: str,
+    shifted_brain_case: PhantomCase,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    bad = tmp_path / "nowhere" / "x.nii.gz" if where == "missing folder" else tmp_path
+    paths = {"--out": tmp_path / "m.nii.gz", "--report": tmp_path / "r.json", flag: bad}
+    argv = ["segment", str(shifted_brain_case.image), "--model", brain_model, "--quiet"]
+    code = main([*argv, "--out", str(paths["--out"]), "--report", str(paths["--report"])])
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and err[0].startswith(f"sitefit: error: {flag} "), err
+    assert captured.out == "" and not (tmp_path / "m.nii.gz").exists()  # nothing ran
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--lr", "-1"), ("--lr", "nan"), ("--base-channels", "0")]
+)
+def test_train_refuses_impossible_hyper_parameters_in_one_line(
+    flag: str, value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", str(tmp_path), "--name", "x", flag, value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("sitefit train: error: argument ") and flag in err[-1], err
