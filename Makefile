@@ -1,5 +1,9 @@
 # The README's two commands: `make run` and `make test`.
 PYTHON ?= python3
+# where torch comes from: empty for pip's own configuration (these build machines keep the
+# CPU build of 2.13.0 locally); elsewhere e.g. https://download.pytorch.org/whl/cpu, since
+# PyPI's Linux wheel is the CUDA build
+TORCH_INDEX ?=
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
@@ -11,8 +15,8 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# torch first, pinned: on a CPU machine this takes the CPU build, never the CUDA one
-	$(BIN)/python -m pip install --quiet torch==2.13.0
+	# torch first, pinned, so that installing the project pulls no other build of it
+	$(BIN)/python -m pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	rm -f $(VENV)/.installed-*
 	touch $@

@@ -173,7 +173,6 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     for code, text in (
         (401, "no API key, or an unknown one"),
         (403, "the API key may not use this site"),
-        (503, "the job queue is unavailable"),
     )
 }
 """Responses every authenticated route can give, for the OpenAPI document."""
@@ -189,6 +188,7 @@ def responses(*codes: int) -> dict[int | str, dict[str, object]]:
         415: "not multipart/form-data, or an unsupported file type",
         422: "invalid input: the message says what is wrong",
         500: "server error: the message says what failed",
+        503: "the job queue is unavailable: nothing was stored",
         507: "job storage is full",
     }
     extra: dict[int | str, dict[str, object]] = {

@@ -35,7 +35,9 @@ class JobCreated(BaseModel):
 
 
 class JobProgress(BaseModel):
-    stage: str | None = Field(description="loading | segmenting | adapting | metrics | done")
+    stage: str | None = Field(
+        description="starting | loading | segmenting | adapting | metrics | done"
+    )
     epoch: int | None = Field(description="refinement epoch, while adapting")
     dice_trace: list[float] = Field(description="Dice(early, final) after each epoch so far")
     attempt: int = Field(description="runs started so far (a retry after a dead worker: 2)")

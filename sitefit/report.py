@@ -69,6 +69,12 @@ class Refinement(BaseModel):
         description="with learning rate 0: how the batch-norm running statistics followed the "
         "scan ('cumulative' or 'momentum')",
     )
+    path_points: list[float] | None = Field(
+        default=None,
+        description="with the statistics path (the default): the points evaluated, as "
+        "fractions of the way from the starting statistics to the scan's, in path order, one "
+        "per dice_trace entry ('epochs' counts them); the kept one is path_points[best_epoch - 1]",
+    )
 
 
 class SiteWeights(BaseModel):

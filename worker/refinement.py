@@ -122,6 +122,8 @@ class RefinementResult:
     # where ``seconds`` went (on CUDA the split is approximate: kernels run asynchronously)
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
+    # with the statistics path: the points evaluated (fractions of the way), in path order
+    path_points: list[float] = field(default_factory=list)
 
 
 def refinable_parameters(net: SegmentationNet) -> list[torch.nn.Parameter]:
@@ -185,6 +187,7 @@ def refine(
         predictions=run.predictions if keep_states else [],
         train_seconds=run.train_seconds,
         eval_seconds=run.eval_seconds,
+        path_points=run.points,
     )
 
 
@@ -198,6 +201,7 @@ class _Run:
     stopped: StopReason = "max_epochs"
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
+    points: list[float] = field(default_factory=list)  # the statistics path's, if any
 
     def add(self, state: dict[str, torch.Tensor], prediction: SlicePrediction, dice: float) -> None:
         self.trace.append(dice)
@@ -286,13 +290,13 @@ def _statistics_path(
     net.eval()
     tock = time.perf_counter()
     path = config.statistics_path
-    evaluated: list[tuple[dict[str, torch.Tensor], SlicePrediction, float]] = []
+    evaluated: list[tuple[float, dict[str, torch.Tensor], SlicePrediction, float]] = []
     for weight in path if accept is None else path[::-1]:
         state = interpolate_statistics(start, scan, weight)
         set_buffers(net, state)
         prediction = run_eval(net, slices, execution, eval_batch)
         dice = foreground_dice(prediction.early, prediction.final, num_classes)
-        evaluated.append((state, prediction, dice))
+        evaluated.append((weight, state, prediction, dice))
         if on_epoch is not None:  # counts the points evaluated, whichever comes first
             on_epoch(len(evaluated), dice)
         if accept is not None and accept(prediction):
@@ -301,8 +305,9 @@ def _statistics_path(
         evaluated.reverse()  # path order
         set_buffers(net, scan)  # the last point, as without ``accept``
     run = _Run(stopped="converged", train_seconds=tock - tick)
-    for state, prediction, dice in evaluated:
+    for weight, state, prediction, dice in evaluated:
         run.add(state, prediction, dice)
+        run.points.append(weight)
     run.eval_seconds = time.perf_counter() - tock
     return run
 

@@ -27,6 +27,7 @@ def refinement_block(
         batchnorm=config.batchnorm,
         learning_rate=config.learning_rate,
         statistics_average=config.statistics_average if config.learning_rate == 0 else None,
+        path_points=list(result.path_points) or None,
     )
 
 

@@ -178,6 +178,8 @@ def save_next_version(
     chosen, reason = choose_version(
         scores, refined.start_consistency, started_from is None, settings.site_first_save
     )
+    if started_from is None and latest_version is not None:
+        reason += f" (version {latest_version} is unusable: refined from the base model)"
     if chosen is None:
         return SiteSave(reason)
     candidate, consistency = candidates[chosen][1], scores[chosen][1]

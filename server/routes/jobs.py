@@ -81,7 +81,7 @@ _UPLOAD_DOC = {
     status_code=202,
     response_model=JobCreated,
     openapi_extra=_UPLOAD_DOC,
-    responses=error_responses(400, 413, 415, 422, 500, 507),
+    responses=error_responses(400, 413, 415, 422, 500, 503, 507),
     summary="Upload a scan and queue a segmentation job",
 )
 async def create_job(request: Request, services: ServicesDep, caller: CallerDep) -> JobCreated:
@@ -172,7 +172,7 @@ def _report(services: Services, job_id: str) -> Report:
 @router.get(
     "/{job_id}",
     response_model=JobView,
-    responses=error_responses(404),
+    responses=error_responses(404, 500),
     summary="A job's status, progress, and report or error",
 )
 async def get_job(job_id: JobId, services: ServicesDep, caller: CallerDep) -> Response:
@@ -198,7 +198,7 @@ def _require_finished(state: JobState) -> None:
     response_class=StreamingResponse,
     responses={
         200: {"content": {"application/gzip": {}}, "description": "NIfTI mask (.nii.gz)"},
-        **error_responses(404, 409),
+        **error_responses(404, 409, 500),
     },
     summary="The mask, on the input's voxel grid and affine",
 )
@@ -230,7 +230,7 @@ def _stream(handle: BinaryIO, chunk: int = 1 << 20) -> Iterator[bytes]:
 @router.get(
     "/{job_id}/report",
     response_model=Report,
-    responses=error_responses(404, 409),
+    responses=error_responses(404, 409, 500),
     summary="The job's report",
 )
 def get_report(job_id: JobId, services: ServicesDep, caller: CallerDep) -> Report:
@@ -241,7 +241,7 @@ def get_report(job_id: JobId, services: ServicesDep, caller: CallerDep) -> Repor
 @router.delete(
     "/{job_id}",
     response_model=JobDeleted,
-    responses=error_responses(404),
+    responses=error_responses(404, 500),
     summary="Cancel a queued or running job and delete its data",
 )
 def delete_job(job_id: JobId, services: ServicesDep, caller: CallerDep) -> JobDeleted:

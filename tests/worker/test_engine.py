@@ -4,6 +4,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from sitefit import defaults
 from sitefit.exceptions import ModelNotFoundError
 from sitefit.settings import Settings
 from tests.conftest import PhantomCase
@@ -58,6 +59,9 @@ def test_adapt_returns_mask_on_input_grid_and_full_report(
     assert 1 <= refinement["epochs"] <= 3 and len(refinement["dice_trace"]) == refinement["epochs"]
     assert refinement["stopped"] in {"converged", "max_epochs"}
     assert refinement["learning_rate"] == 0 and refinement["statistics_average"] == "cumulative"
+    points = refinement["path_points"]
+    assert len(points) == refinement["epochs"] and points == sorted(points) and points[-1] == 1
+    assert points[refinement["best_epoch"] - 1] in defaults.REFINE_STATISTICS_PATH
     assert report["per_class"] is None  # binary model
     assert [p.stage for p in stages][:2] == ["loading", "segmenting"]
     assert [p.epoch for p in stages if p.stage == "adapting" and p.epoch] == list(

@@ -447,6 +447,7 @@ def test_a_sites_unusable_latest_version_does_not_stop_it_saving_again(
     assert report.guard is not None and report.guard.verdict == "kept", "premise: it would save"
     assert report.site_weights.used_version is None
     assert report.site_weights.saved_version == 2, report.site_weights.save_reason
+    assert "version 1 is unusable" in (report.site_weights.save_reason or "")
     saved = engine.store.sites.latest("stuck", model)
     assert saved is not None and saved.scans_refined == 1  # from the base model
     assert engine.store.sites.load("stuck", saved, engine.store.models.spec(model))

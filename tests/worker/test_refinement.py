@@ -440,6 +440,8 @@ def test_an_acceptance_walks_the_path_back_and_stops_where_it_accepts(
     assert len(calls) == len(evaluated)
     assert lazy.epochs == len(evaluated)
     assert lazy.dice_trace == [eager.dice_trace[i - 1] for i in evaluated]
+    assert eager.path_points == [0.25, 0.5, 1.0]
+    assert lazy.path_points == [eager.path_points[i - 1] for i in evaluated]
     for state, prediction, i in zip(lazy.states, lazy.predictions, evaluated, strict=True):
         for key, value in state.items():
             torch.testing.assert_close(value, eager.states[i - 1][key], rtol=0, atol=0)
