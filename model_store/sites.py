@@ -62,6 +62,9 @@ class SiteVersion(BaseModel):
     refinement_epochs: int = Field(ge=0)
     sitefit_version: str
     rolled_back_from: int | None = None
+    job_id: str | None = Field(
+        default=None, description="the job that saved it (none: the CLI, a benchmark, a rollback)"
+    )
     nbytes: int = Field(ge=0, description="size of the delta file as stored")
     tensors: int = Field(default=0, ge=0, description="number of tensors in the delta")
 
@@ -202,6 +205,7 @@ class SiteStore:
         self_consistency_before: float | None,
         self_consistency_after: float | None,
         refinement_epochs: int,
+        job_id: str | None = None,
     ) -> SiteVersion:
         """Save ``tensors`` as version ``expected_version + 1`` (1 when ``None``).
 
@@ -212,6 +216,7 @@ class SiteStore:
             site, base, tensors, expected_version, scans_refined, self_consistency_before,
             self_consistency_after, refinement_epochs,
         )  # fmt: skip
+        meta = meta.model_copy(update={"job_id": job_id})
         current = self._versions(site, base.name)
         if current[-1:] != ([] if expected_version is None else [expected_version]):
             found = current[-1] if current else None
@@ -243,7 +248,11 @@ class SiteStore:
         """A new version whose delta is bitwise that of ``version`` (the history is kept)."""
         old = self.version(site, model, version)
         data = self._delta_bytes(old)
-        update = {"created": datetime.now(UTC), "sitefit_version": sitefit.__version__}
+        update = {
+            "created": datetime.now(UTC),
+            "sitefit_version": sitefit.__version__,
+            "job_id": None,  # a rollback is no job's
+        }
         return self._retry(old.model_copy(update={**update, "rolled_back_from": version}), data)
 
     def delete(self, site: str, model: str | None = None) -> None:

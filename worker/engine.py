@@ -65,6 +65,7 @@ class SegmentRequest:
     site: str | None = None
     mode: Mode = "auto"
     reference: Path | None = None
+    job_id: str | None = None  # the queued job this runs for: recorded with a site version
 
 
 @dataclass(frozen=True)
@@ -348,7 +349,7 @@ class Engine:
             save = save_next_version(self.store.sites, self.settings, spec,
                                      self._base_tensors[spec.sha256], request.site,
                                      prepared.slices, used, lookup.latest_version,
-                                     refined)  # fmt: skip
+                                     refined, request.job_id)  # fmt: skip
             outcome.site_save_reason = save.reason
             if save.version is not None and save.net is not None:
                 outcome.site_saved, outcome.site_saved_consistency = save.version, save.consistency

@@ -119,6 +119,7 @@ def run_job(
             site=record.site,
             mode=record.mode,
             reference=reference,
+            job_id=job_id,
         )
         result = engine.run(request, on_progress)
         if store.is_ended(job_id):  # another attempt finished, or the job was canceled

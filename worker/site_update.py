@@ -147,6 +147,7 @@ def save_next_version(
     started_from: SiteVersion | None,
     latest_version: int | None,
     refined: Refined,
+    job_id: str | None = None,
 ) -> SiteSave:
     """Save the site's next version (what differs from the base model ``base``) when
     :func:`choose_version` picks a candidate: the pooled statistics (with the statistics-only
@@ -159,7 +160,14 @@ def save_next_version(
     against, what it started from, so when another job saved one meanwhile this one is not
     saved (the reason says so) rather than dropping that job's scan from the pool. Saving is
     a side effect of the job: a store that cannot be written is a reason, not an error.
+    A job's retry does not save again over the version an earlier attempt of it saved (the
+    version already pools this scan; ``job_id`` is recorded with every version).
     """
+    if job_id is not None and started_from is not None and started_from.job_id == job_id:
+        return SiteSave(
+            f"not saved: an earlier attempt of this job saved version {started_from.version} "
+            f"from this scan already"
+        )
     classes = len(spec.classes)
     scans = (started_from.scans_refined if started_from else 0) + 1
     candidates = [("this scan's output", refined.net, refined.after)]
@@ -192,6 +200,7 @@ def save_next_version(
             self_consistency_before=round(refined.start_consistency, 6),
             self_consistency_after=round(consistency, 6),
             refinement_epochs=refined.epochs,
+            job_id=job_id,
         )  # fmt: skip
     except VersionConflictError:
         start = f"version {started_from.version}" if started_from else "the base model"

@@ -8,6 +8,7 @@ output instead of the human-readable lines.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sitefit.cli.common import fmt, load_settings
-from sitefit.exceptions import InvalidInputError, SiteNotFoundError
+from sitefit.exceptions import InvalidInputError, SitefitError, SiteNotFoundError
 
 if TYPE_CHECKING:
     from model_store import ModelStore
@@ -184,11 +185,21 @@ def sites_history(args: argparse.Namespace) -> int:
 
 
 def sites_rollback(args: argparse.Namespace) -> int:
-    meta = _store(args).sites.rollback(args.site, args.model, args.version)
+    store = _store(args)
+    meta = store.sites.rollback(args.site, args.model, args.version)
     line = (
         f"site {meta.site} model {meta.model}: version {meta.version} now holds the weights "
         f"of version {args.version}"
     )
+    with contextlib.suppress(SitefitError):  # no such base model any more: nothing to compare
+        latest = store.models.spec(meta.model)
+        if latest.sha256 != meta.base_sha256:
+            print(
+                f"sitefit: warning: these weights were adapted from {meta.model}@"
+                f"{meta.base_version}, not the latest {latest.ref}: jobs on the latest will not "
+                f"use them (they refine from the base model instead)",
+                file=sys.stderr,
+            )
     return _emit(args, meta.model_dump(mode="json"), [line])
 
 
@@ -220,6 +231,7 @@ def _version_lines(meta: SiteVersion) -> list[str]:
         f"refinement   {meta.scans_refined} scan(s), {meta.refinement_epochs} epoch(s), "
         f"self-consistency {fmt(meta.self_consistency_before)} -> "
         f"{fmt(meta.self_consistency_after)} (sitefit {meta.sitefit_version})",
+        *([f"saved by job  {meta.job_id}"] if meta.job_id else []),
     ]
 
 

@@ -464,3 +464,21 @@ def test_a_site_store_that_cannot_be_written_does_not_fail_the_job(
     assert report.site_weights.saved_version is None
     reason = report.site_weights.save_reason
     assert reason is not None and reason.startswith("not saved: the site store cannot be written")
+
+
+def test_a_retried_job_does_not_pool_its_scan_into_the_site_twice(
+    engine: Engine, consistent_brain_model: str, shifted_brain_case: PhantomCase
+) -> None:
+    """An attempt that saved a version and then died is run again: the retry must not save
+    a version pooling the same scan once more."""
+    model, scan, job = consistent_brain_model, shifted_brain_case.image, "0" * 32
+    request = SegmentRequest(scan, model, "retried", "adapt", job_id=job)
+    first = engine.run(request).report
+    assert first.site_weights.saved_version == 1, "premise: the first attempt saves"
+    assert engine.store.sites.version("retried", model, 1).job_id == job
+    retry = engine.run(request).report
+    assert retry.site_weights.used_version == 1 and retry.site_weights.saved_version is None
+    reason = retry.site_weights.save_reason or ""
+    assert reason.startswith("not saved: an earlier attempt of this job saved version 1")
+    other = engine.run(SegmentRequest(scan, model, "retried", "adapt", job_id="1" * 32)).report
+    assert not (other.site_weights.save_reason or "").startswith("not saved: an earlier")

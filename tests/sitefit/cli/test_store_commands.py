@@ -150,3 +150,17 @@ def test_sites_delete_needs_confirmation(
     assert code == 1 and "no adapted weights" in err
     code, _, err = run(capsys, "sites", "history", "../x", "--home", str(store_home))
     assert code == 1 and "invalid site name" in err
+
+
+def test_rollback_to_weights_of_an_older_base_model_warns(
+    store_home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = ModelStore(store_home)
+    old = store.models.spec("brain")
+    store.sites.save("site-b", old, tensors(1), expected_version=None, **STATS)
+    store.models.register(old, tensors(5))  # brain@2: a retrained base model
+    args = ["sites", "rollback", "site-b", "--model", "brain", "--version", "1"]
+    code, out, err = run(capsys, *args, "--home", str(store_home))
+    assert code == 0 and "version 2 now holds the weights of version 1" in out
+    assert err.startswith("sitefit: warning: these weights were adapted from brain@1")
+    assert "not the latest brain@2" in err and len(err.strip().splitlines()) == 1
