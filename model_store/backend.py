@@ -14,6 +14,9 @@ temporary files). The contract, per operation:
   files, then a conditional put (``If-None-Match: *``) of a marker.
 - ``children(prefix)``: names directly under ``prefix`` (sorted; ``[]`` when there is none).
 - ``delete(prefix)``: remove an object or everything under a prefix; ``False`` if none.
+- ``sweep(older_than_s)``: remove what interrupted writes and deletes left behind (never
+  visible to readers) once it is that old; returns how many. On object storage: abort
+  incomplete uploads.
 
 :class:`FilesystemBackend` is safe when several processes on one or more machines share the
 directory (NFS included): files are written to a temporary name, fsynced and renamed; a
@@ -23,9 +26,11 @@ onto an existing directory fails, which makes publishing a compare-and-set on th
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,6 +39,9 @@ from typing import TYPE_CHECKING, Protocol
 from model_store.files import staging_dir, write_bytes_atomic
 from sitefit.durable import fsync_dir
 from sitefit.exceptions import ModelStoreError
+
+SWEEP_DEPTH = 3  # SITE/MODEL/.staging-*: the deepest place the stores stage a version
+DEBRIS_PREFIXES = (".staging-", ".deleted-")
 
 
 class StorageBackend(Protocol):
@@ -52,6 +60,8 @@ class StorageBackend(Protocol):
     def exists(self, key: str) -> bool: ...
 
     def delete(self, prefix: str) -> bool: ...
+
+    def sweep(self, older_than_s: float) -> int: ...
 
     def describe(self, key: str = "") -> str:
         """Where ``key`` lives, for messages (a path, a URL)."""
@@ -162,6 +172,40 @@ class FilesystemBackend:
             raise ModelStoreError(f"{target}: cannot delete ({error.strerror})") from None
         fsync_dir(target.parent)
         return True
+
+    def sweep(self, older_than_s: float, now: float | None = None) -> int:
+        """Remove staging folders, tombstones and temporary files (hidden names) untouched for
+        ``older_than_s``: a writer killed while publishing, or a delete whose folder could
+        not be removed at once, leaves them. Looks ``SWEEP_DEPTH`` levels down, where the
+        stores publish (``SITE/MODEL/VERSION``, ``NAME/VERSION``)."""
+        now = time.time() if now is None else now
+        removed = 0
+        folders = [self.root]
+        for _ in range(SWEEP_DEPTH):
+            below: list[Path] = []
+            for folder in folders:
+                try:
+                    entries = list(os.scandir(folder))
+                except OSError:
+                    continue
+                for entry in entries:
+                    if not entry.name.startswith("."):
+                        if entry.is_dir(follow_symlinks=False):
+                            below.append(Path(entry.path))
+                        continue
+                    if not entry.name.startswith(DEBRIS_PREFIXES) and not entry.name.endswith(
+                        ".tmp"
+                    ):
+                        continue  # another program's hidden file: not ours to remove
+                    with contextlib.suppress(OSError):
+                        if now - entry.stat(follow_symlinks=False).st_mtime > older_than_s:
+                            if entry.is_dir(follow_symlinks=False):
+                                shutil.rmtree(entry.path)
+                            else:
+                                os.unlink(entry.path)
+                            removed += 1
+            folders = below
+        return removed
 
 
 def _write_durable(path: Path, data: bytes) -> None:

@@ -3,9 +3,9 @@
 Everything the routes need is built here from the settings passed in (no module globals), so
 tests create as many apps as they like. The lifespan starts the job queue (Redis, or the
 embedded worker thread when ``settings.redis_url`` is unset) and a maintenance loop that,
-every ``maintenance_interval_s``, deletes expired job data and reconciles the store with the
-queue (jobs of dead workers). This package never imports torch; the embedded worker thread
-imports the engine when it starts.
+every ``maintenance_interval_s``, deletes expired job data, reconciles the store with the
+queue (jobs of dead workers) and removes what killed writers left in the model store. This
+package never imports torch; the embedded worker thread imports the engine when it starts.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from server.metrics import MetricsMiddleware
 from server.queues import JobQueue
 from server.routes import jobs, models, ops, sites
 from server.services import Services
+from sitefit import defaults
 from sitefit.settings import Settings
 
 log = logging.getLogger("sitefit.server")
@@ -60,7 +61,8 @@ def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
 
 
 def maintain_once(services: Services) -> None:
-    """One maintenance pass: expired job data, then dead or lost jobs (each on its own)."""
+    """One maintenance pass: expired job data, dead or lost jobs, then what interrupted
+    writes left in the model store (each on its own)."""
     try:
         deleted = services.store.sweep()
         if deleted:
@@ -71,6 +73,15 @@ def maintain_once(services: Services) -> None:
         services.queue.maintain()
     except Exception as error:  # e.g. Redis down: try again next time
         log.warning("queue maintenance failed: %s: %s", type(error).__name__, error)
+    try:  # what killed writers left in the model store
+        swept = sum(
+            backend.sweep(defaults.STORE_DEBRIS_AGE_S)
+            for backend in (services.models.backend, services.sites.backend)
+        )
+        if swept:
+            log.info("model store: removed %d leftover(s) of interrupted writes", swept)
+    except Exception as error:  # e.g. storage unreachable: try again next time
+        log.warning("model store sweep failed: %s: %s", type(error).__name__, error)
 
 
 async def _maintain_forever(services: Services) -> None:

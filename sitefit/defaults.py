@@ -141,3 +141,7 @@ MAX_VOXELS = 512 * 512 * 512
 MIN_SPATIAL_SIZE = 2
 
 HOME = "./var"
+
+# Model store: staging folders, tombstones and temporary files left by writers that were
+# killed are removed by the API's maintenance once this old (no write stages for this long).
+STORE_DEBRIS_AGE_S = 3600.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,29 @@ def test_unsafe_keys_are_refused(tmp_path: Path, key: str) -> None:
 def test_root_cannot_be_deleted(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         FilesystemBackend(tmp_path).delete("")
+
+
+def test_sweep_removes_old_debris_of_interrupted_writes_only(tmp_path: Path) -> None:
+    store = FilesystemBackend(tmp_path)
+    store.create_exclusive("site/brain/1", {"f": b"published"})
+    debris = [
+        tmp_path / "site" / "brain" / ".staging-killed",  # a writer killed while staging
+        tmp_path / ".deleted-gone-0123",  # a delete that could not remove its folder at once
+        tmp_path / "site" / ".deleted-heart-4567",
+    ]
+    for folder in debris:
+        folder.mkdir()
+        (folder / "delta").write_bytes(b"x")
+    (tmp_path / "site" / "brain" / ".meta.json.abc.tmp").write_bytes(b"x")
+    kept = [
+        tmp_path / "site" / "brain" / ".staging-in-progress",  # young: a writer is at it
+        tmp_path / "site" / ".foreign-hidden",  # not ours
+    ]
+    for folder in kept:
+        folder.mkdir()
+    old = time.time() - 7200
+    for path in [*debris, tmp_path / "site" / "brain" / ".meta.json.abc.tmp", kept[1]]:
+        os.utime(path, (old, old))
+    assert store.sweep(3600) == 4
+    assert all(path.exists() for path in kept) and not any(path.exists() for path in debris)
+    assert store.read("site/brain/1/f") == b"published" and store.sweep(3600) == 0
