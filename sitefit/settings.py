@@ -39,7 +39,11 @@ class Settings(BaseSettings):
         description="Adam learning rate of the init path; 0 (with refine_batchnorm 'train'): "
         "only the batch-norm statistics adapt to the scan",
     )
-    refine_batch_size: int = Field(default=defaults.REFINE_BATCH_SIZE, ge=1)
+    refine_batch_size: int = Field(
+        default=defaults.REFINE_BATCH_SIZE,
+        ge=2,
+        description="slices per refinement step (batch norm needs at least 2 for statistics)",
+    )
     refine_statistics_average: StatisticsAverage = Field(
         default=defaults.REFINE_STATISTICS_AVERAGE,
         description="with refine_lr 0: 'cumulative': the batch-norm running statistics become "

@@ -282,7 +282,8 @@ class Engine:
         reason = "one-shot refinement on this scan"
         if site and candidate and consistency is not None:
             fast, why = auto_fast_path(consistency, site.version, self.settings.auto_threshold,
-                                       self.settings.auto_margin)  # fmt: skip
+                                       self.settings.auto_margin,
+                                       bool(candidate.final.any()))  # fmt: skip
             if request.mode == "auto" and fast:
                 return _Outcome("cached", f"{where} v{site.version.version} used as is: {why}",
                                 candidate, site_used=site.version,
@@ -323,9 +324,9 @@ class Engine:
         notify(Progress("adapting", 0))
         start_consistency = foreground_dice(start.early, start.final, classes)
         guard = self.guard_config()
+        passes_guard = acceptance(start, classes, guard)
         result = refine(net, prepared.slices, classes, start_consistency, self.refine_config(),
-                        on_epoch, keep_states=True,
-                        accept=acceptance(start, classes, guard))  # fmt: skip
+                        on_epoch, keep_states=True, accept=passes_guard)  # fmt: skip
         verdict = judge(start, result.predictions, classes, guard, result.dice_trace)
         if self.settings.guard:
             verdict = overrule_on_divergence(verdict, start_state, result.states)
@@ -345,7 +346,8 @@ class Engine:
         after = result.predictions[kept - 1]
         outcome = _Outcome("adapt", reason, after, result, verdict, site_used=used)
         if request.site is not None:
-            refined = Refined(net, after, start_state, result.states[-1], start_consistency, kept)
+            refined = Refined(net, after, start_state, result.states[-1], start_consistency, kept,
+                              passes_guard)  # fmt: skip
             save = save_next_version(self.store.sites, self.settings, spec,
                                      self._base_tensors[spec.sha256], request.site,
                                      prepared.slices, used, lookup.latest_version,

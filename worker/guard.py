@@ -186,9 +186,9 @@ def overrule_on_divergence(
     diverged = first_diverged(start, states)
     if diverged is None:
         return verdict
-    kept_epoch = diverged - 1 if diverged > 1 else None
-    if kept_epoch is not None and (verdict.kept_epoch or 0) < kept_epoch:
-        kept_epoch = verdict.kept_epoch
+    failing = verdict.signals.get("epochs_failing", {})
+    # the last epoch before the blow-up that passed the checks too (never one that failed)
+    kept_epoch = max((e for e in range(1, diverged) if str(e) not in failing), default=None)
     why = f"refinement diverged: init-path weights exploded in epoch {diverged}"
     if verdict.kept_epoch is None:  # the checks failed too: say what they found
         why += "; " + verdict.reason.removeprefix("reverted: ")

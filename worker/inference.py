@@ -110,6 +110,7 @@ def running(net: SegmentationNet, execution: Execution) -> Iterator[None]:
     change, and the parameter objects stay the same, so optimisers stay valid).
     """
     convert = execution.channels_last and not _is_channels_last(net)
+    benchmark = torch.backends.cudnn.benchmark
     if execution.device.type == "cuda" and not execution.exact:
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
     if convert:
@@ -117,6 +118,7 @@ def running(net: SegmentationNet, execution: Execution) -> Iterator[None]:
     try:
         yield
     finally:
+        torch.backends.cudnn.benchmark = benchmark  # the fp32 path elsewhere stays exact
         if convert:
             _set_layout(net, torch.contiguous_format)
 

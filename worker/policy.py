@@ -10,14 +10,22 @@ from model_store.sites import SiteVersion
 
 
 def auto_fast_path(
-    consistency: float, version: SiteVersion, threshold: float, margin: float | None
+    consistency: float,
+    version: SiteVersion,
+    threshold: float,
+    margin: float | None,
+    finds_something: bool = True,
 ) -> tuple[bool, str]:
     """Whether ``auto`` uses ``version`` as it is, and why (for ``Report.mode_reason``).
 
     Yes when its self-consistency on this scan reaches ``threshold``, or comes within
     ``margin`` (None: never) of the self-consistency it reached on the scan it was refined
-    on: a refinement from it would start where the last one converged.
+    on: a refinement from it would start where the last one converged. Never when its final
+    mask is empty on this scan (``finds_something`` false): two empty masks agree
+    perfectly, which says nothing.
     """
+    if not finds_something:
+        return False, "their final mask is empty on this scan"
     reached = version.self_consistency_after
     if consistency >= threshold:
         return True, f"self-consistency {consistency:.3f} on this scan >= {threshold}"

@@ -22,6 +22,7 @@ statistics").
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -125,6 +126,9 @@ class Refined:
     scan_state: dict[str, torch.Tensor]  # the refinement's last point (the scan's statistics)
     start_consistency: float  # Dice(early, final) of the start on this scan
     epochs: int
+    # the guard's per-epoch checks on this scan (worker.guard.acceptance): a saved version
+    # must pass them as the output did, whatever else it is judged by
+    passes_guard: Callable[[SlicePrediction], bool]
 
 
 @dataclass(frozen=True)
@@ -170,6 +174,7 @@ def save_next_version(
         )
     classes = len(spec.classes)
     scans = (started_from.scans_refined if started_from else 0) + 1
+    rejected = ""
     candidates = [("this scan's output", refined.net, refined.after)]
     if settings.refine_lr == 0:
         kept = mutable_state(refined.net)
@@ -181,17 +186,23 @@ def save_next_version(
             pooled = copy.deepcopy(refined.net)
             load_state(pooled, state)
             prediction = predict(pooled, slices, settings.refine_batch_size)
-            candidates.insert(0, ("the pooled statistics", pooled, prediction))
+            if refined.passes_guard(prediction):
+                candidates.insert(0, ("the pooled statistics", pooled, prediction))
+            else:
+                rejected = " (the pooled statistics fail the guard's checks on this scan)"
     scores = [(name, foreground_dice(p.early, p.final, classes)) for name, _, p in candidates]
     chosen, reason = choose_version(
         scores, refined.start_consistency, started_from is None, settings.site_first_save
     )
+    reason += rejected
     if started_from is None and latest_version is not None:
         reason += f" (version {latest_version} is unusable: refined from the base model)"
     if chosen is None:
         return SiteSave(reason)
     candidate, consistency = candidates[chosen][1], scores[chosen][1]
     delta = site_delta(mutable_state(candidate), base)
+    if not delta:
+        return SiteSave("not saved: the refinement left every tensor as the base model's")
     try:  # compare-and-set: the version pools, and was judged against, its start
         saved = sites.save(
             site, spec, delta,

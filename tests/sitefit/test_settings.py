@@ -53,3 +53,11 @@ def test_the_redis_url_is_a_redis_url_or_unset() -> None:
     assert _from_environment(SITEFIT_REDIS_URL="") == "0.02 None"
     assert _from_environment(SITEFIT_REDIS_URL="redis://h:6379/0") == "0.02 redis://h:6379/0"
     assert _from_environment(SITEFIT_REDIS_URL="notaurl") == "refused ('redis_url',)"
+
+
+def test_a_refinement_batch_holds_at_least_two_slices() -> None:
+    # batch norm in train mode has no statistics of one slice: the refinement would skip
+    # every step and change nothing while its report said it ran
+    assert Settings(refine_batch_size=2).refine_batch_size == 2
+    with pytest.raises(ValidationError, match="refine_batch_size"):
+        Settings(refine_batch_size=1)

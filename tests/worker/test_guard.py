@@ -16,6 +16,7 @@ from worker.guard import (
     decide,
     epoch_signals,
     judge,
+    overrule_on_divergence,
     trace_shape,
 )
 from worker.inference import SlicePrediction, foreground_dice
@@ -179,3 +180,16 @@ def test_acceptance_is_the_per_epoch_half_of_the_decision(enabled: bool) -> None
         assert passing == [1, 2] and verdict.kept_epoch == max(passing)
     else:
         assert passing == [1, 2, 3, 4] and verdict.kept_epoch == 4
+
+
+def test_a_divergence_never_brings_back_an_epoch_that_failed_the_checks() -> None:
+    """Epoch 1 fails, epoch 2 passes but its weights explode: nothing passing is left."""
+    verdict = judge(START, [DOUBLED, SAME, SAME], 2, CONFIG, [0.9, 0.96, 0.96])
+    assert verdict.kept_epoch == 3 and set(verdict.signals["epochs_failing"]) == {"1"}
+    start = {"init_path.conv.weight": torch.ones(4)}
+    states = [start, {"init_path.conv.weight": torch.full((4,), float("nan"))}, start]
+    overruled = overrule_on_divergence(verdict, start, states)
+    assert overruled.kept_epoch is None and overruled.reason.startswith("reverted: ")
+    assert overruled.signals["diverged_at_epoch"] == 2
+    fine_first = judge(START, [SAME, SAME, SAME], 2, CONFIG, [0.96, 0.96, 0.96])
+    assert overrule_on_divergence(fine_first, start, states).kept_epoch == 1

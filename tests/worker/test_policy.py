@@ -12,11 +12,16 @@ from model_store.backend import FilesystemBackend
 from model_store.sites import SiteVersion
 from sitefit.exceptions import InvalidInputError
 from sitefit.settings import Settings
+from sitefit.volume import load_scan
 from tests.conftest import PhantomCase
 from worker.batchnorm import is_running_statistic
 from worker.engine import Engine, Progress, SegmentRequest, SegmentResult
+from worker.inference import SlicePrediction, foreground_dice, predict
 from worker.policy import auto_fast_path
-from worker.weights import mutable_state
+from worker.preprocess import prepare_scan
+from worker.refinement import scan_statistics
+from worker.site_update import Refined, save_next_version
+from worker.weights import load_state, mutable_state
 
 GUARD_SIGNALS = {
     "agreement_start_vs_adapted_dice", "volume_change", "entropy_before", "entropy_after",
@@ -336,6 +341,12 @@ def test_auto_takes_the_cached_path_on_the_threshold_or_the_margin(
     assert taken is fast and why in reason, reason
 
 
+def test_auto_never_takes_the_cached_path_where_the_cached_weights_find_nothing() -> None:
+    # two empty masks agree perfectly: 1.0 would pass any threshold and any margin
+    taken, reason = auto_fast_path(1.0, _version(1.0), 0.9, 0.02, finds_something=False)
+    assert not taken and "empty" in reason
+
+
 def test_adapt_saves_this_scans_output_when_the_pooled_statistics_do_not_beat_the_start(
     engine: Engine, consistent_brain_model: str, near_source_brain_case: PhantomCase
 ) -> None:
@@ -482,3 +493,35 @@ def test_a_retried_job_does_not_pool_its_scan_into_the_site_twice(
     assert reason.startswith("not saved: an earlier attempt of this job saved version 1")
     other = engine.run(SegmentRequest(scan, model, "retried", "adapt", job_id="1" * 32)).report
     assert not (other.site_weights.save_reason or "").startswith("not saved: an earlier")
+
+
+@pytest.mark.parametrize("pooled_passes", [True, False])
+def test_a_version_is_saved_only_from_weights_that_pass_the_guard_on_the_scan(
+    engine: Engine, brain_model: str, shifted_brain_case: PhantomCase, pooled_passes: bool
+) -> None:
+    """The guard kept this scan's output (the scan's own statistics here); the pooled
+    statistics the site would save instead were never judged by it: they must pass its
+    checks on the scan too, or the output is saved."""
+    spec = engine.store.models.spec(brain_model)
+    net = engine.base_net(spec)
+    prepared = prepare_scan(load_scan(shifted_brain_case.image, 10**8), spec.slice_axis,
+                            engine.device)  # fmt: skip
+    start_state = mutable_state(net)
+    start = predict(net, prepared.slices, 8)
+    load_state(net, {**start_state, **scan_statistics(net, prepared.slices, 2)})
+    judged: list[bool] = []
+
+    def passes_guard(prediction: SlicePrediction) -> bool:
+        judged.append(pooled_passes)
+        return pooled_passes
+
+    refined = Refined(net, predict(net, prepared.slices, 8), start_state, mutable_state(net),
+                      foreground_dice(start.early, start.final, 2), 1, passes_guard)  # fmt: skip
+    site = f"judged-{pooled_passes}"
+    save = save_next_version(engine.store.sites, engine.settings, spec,
+                             engine.store.models.tensors(spec), site, prepared.slices, None,
+                             None, refined)  # fmt: skip
+    assert judged == [pooled_passes] and save.version is not None  # a guarded first save
+    chosen = "the pooled statistics" if pooled_passes else "this scan's output"
+    assert f"kept by the guard: {chosen}" in save.reason, save.reason
+    assert ("fail the guard's checks" in save.reason) is not pooled_passes
