@@ -140,10 +140,16 @@ class WorkerProcess:
         self.process.wait(10)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        """SIGTERM, as an orchestrator stops a worker: it must finish its job and exit 0."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            code = self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+            raise AssertionError(
+                f"the worker did not exit on SIGTERM:\n{self.log.read_text()[-3000:]}"
+            ) from None
+        assert code == 0, f"the worker exited {code} on SIGTERM:\n{self.log.read_text()[-3000:]}"

@@ -16,9 +16,14 @@ def test_maintenance_removes_what_killed_writers_left_in_the_model_store(
 ) -> None:
     settings = service_settings(tmp_path)
     services = create_app(settings).state.services  # no lifespan: the queue is not started
-    staged = settings.sites_dir / "site" / "brain" / ".staging-killed"
-    staged.mkdir(parents=True)
-    hour_ago = time.time() - 2 * defaults.STORE_DEBRIS_AGE_S
-    os.utime(staged, (hour_ago, hour_ago))
+    staged = [
+        settings.sites_dir / "site" / "brain" / ".staging-killed",
+        settings.models_dir / "brain" / ".staging-killed",
+    ]
+    long_ago = time.time() - 2 * defaults.STORE_DEBRIS_AGE_S
+    for folder in staged:
+        folder.mkdir(parents=True)
+        os.utime(folder, (long_ago, long_ago))
     maintain_once(services)
-    assert not staged.exists() and (settings.sites_dir / "site" / "brain").is_dir()
+    assert not any(folder.exists() for folder in staged)
+    assert all(folder.parent.is_dir() for folder in staged)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -113,3 +115,22 @@ def test_settings_refuse_an_open_network_binding_without_keys(tmp_path: Path) ->
         Settings(home=tmp_path, api_keys={KEY_A: ["../etc"]})
     assert Settings(home=tmp_path, host="0.0.0.0", api_keys={KEY_A: ["*"]}).host == "0.0.0.0"
     assert Settings(home=tmp_path, host="::1", api_keys={}).host == "::1"
+
+
+def test_logs_name_callers_by_a_key_digest_never_the_key_or_the_file(
+    api: TestClient,
+    shifted_brain_case: PhantomCase,
+    brain_model: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.DEBUG):
+        created = upload(api, shifted_brain_case.image, brain_model, name="DOE^JOHN.nii.gz",
+                         headers=bearer(KEY_A))  # fmt: skip
+        assert created.status_code == 202, created.text
+        job_id = created.json()["id"]
+        wait_for_status(api, job_id, ("finished",), headers=bearer(KEY_A))
+        assert api.delete(f"/v1/jobs/{job_id}", headers=bearer(KEY_A)).status_code == 200
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert job_id in logged  # the log is there to be read
+    assert "key-" + hashlib.sha256(KEY_A.encode()).hexdigest()[:8] in logged
+    assert KEY_A not in logged and "DOE" not in logged and "JOHN" not in logged

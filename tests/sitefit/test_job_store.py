@@ -10,6 +10,7 @@ import pytest
 
 from sitefit.job_store import MASK, REPORT, JobStorageError, JobStore
 from sitefit.jobs import JobNotFoundError, Progress, new_job_id
+from sitefit.settings import Settings
 from tests.stored_jobs import publish_job
 
 
@@ -118,3 +119,15 @@ def test_unwritable_root_is_a_storage_error_with_a_message(tmp_path: Path) -> No
         store.receiving(new_job_id()),
     ):
         pass
+
+
+def test_a_job_that_never_ended_outlives_every_attempts_time_limit(tmp_path: Path) -> None:
+    """docs/operations.md: deleted retention + timeout x (retries + 1) + 3600 s after it was
+    created; an abandoned upload after timeout x (retries + 1) + 3600 s."""
+    settings = Settings(home=tmp_path, job_timeout_s=10, job_retries=2, job_retention_s=100)
+    store = JobStore.from_settings(settings)
+    assert (store.retention_s, store.stale_after_s) == (100, 10 * 3 + 3600)
+    job_id = publish_job(store, scan=b"scan", model="m")
+    created = store.record(job_id).created_at
+    assert store.sweep(now=created + 100 + 3630 - 1) == 0 and store.record(job_id)
+    assert store.sweep(now=created + 100 + 3630 + 1) == 1

@@ -14,7 +14,7 @@ from sitefit.report import Mode, Report
 from sitefit.settings import Settings
 from tests.conftest import PhantomCase
 from tests.stored_jobs import publish_job
-from worker.engine import Engine, ProgressCallback, SegmentRequest, SegmentResult
+from worker.engine import Engine, Progress, ProgressCallback, SegmentRequest, SegmentResult
 from worker.job import JobEnded, run_job
 
 
@@ -64,20 +64,24 @@ def test_unusable_scan_fails_with_the_engines_message(
     assert not store.path(job_id, MASK).exists()
 
 
-class _CancelOnFirstProgress:
-    """The real engine, with the job canceled (as DELETE does) at its first progress report."""
+class _CancelWhileSegmenting:
+    """The real engine, with the job canceled (as DELETE does) once the scan is loaded: at
+    the "segmenting" progress report (earlier, the scan's deletion alone would stop it)."""
 
     def __init__(self, engine: Engine, store: JobStore, job_id: str) -> None:
         self.engine, self.store, self.job_id = engine, store, job_id
+        self.stages: list[str] = []
 
     def run(
         self, request: SegmentRequest, progress: ProgressCallback | None = None
     ) -> SegmentResult:
         assert progress is not None
 
-        def relay(update: object) -> None:
-            self.store.cancel(self.job_id)
-            progress(update)  # type: ignore[arg-type]
+        def relay(update: Progress) -> None:
+            self.stages.append(update.stage)
+            if update.stage == "segmenting":
+                self.store.cancel(self.job_id)
+            progress(update)
 
         return self.engine.run(request, relay)
 
@@ -87,7 +91,9 @@ def test_canceled_while_running_stops_and_keeps_no_results(
 ) -> None:
     store = _store(tmp_path)
     job_id = _publish(store, shifted_brain_case.image, brain_model)
-    outcome = run_job(job_id, store, _CancelOnFirstProgress(engine, store, job_id))
+    canceling = _CancelWhileSegmenting(engine, store, job_id)
+    outcome = run_job(job_id, store, canceling)
+    assert canceling.stages == ["loading", "segmenting"]  # stopped at that progress step
     assert outcome == "canceled"
     assert store.state(job_id).status == "canceled"
     assert not store.path(job_id, MASK).exists() and not store.path(job_id, REPORT).exists()
@@ -118,12 +124,16 @@ class _AnotherAttemptFinishesMeanwhile:
 
     def __init__(self, engine: Engine, store: JobStore, job_id: str) -> None:
         self.engine, self.store, self.job_id = engine, store, job_id
+        self.finished: dict[str, tuple[int, bytes]] = {}  # the winner's files
 
     def run(
         self, request: SegmentRequest, progress: ProgressCallback | None = None
     ) -> SegmentResult:
         result = self.engine.run(request, progress)
         assert run_job(self.job_id, self.store, self.engine) == "finished"
+        for name in (MASK, REPORT):
+            path = self.store.path(self.job_id, name)
+            self.finished[name] = (path.stat().st_ino, path.read_bytes())
         return result
 
 
@@ -135,4 +145,6 @@ def test_a_late_attempt_leaves_the_finished_attempts_results_alone(
     late = _AnotherAttemptFinishesMeanwhile(engine, store, job_id)
     assert run_job(job_id, store, late) == "canceled"  # it lost: the other one finished
     assert store.state(job_id).status == "finished"
-    assert store.path(job_id, MASK).is_file() and store.path(job_id, REPORT).is_file()
+    for name, (inode, data) in late.finished.items():  # neither replaced nor removed
+        path = store.path(job_id, name)
+        assert path.stat().st_ino == inode and path.read_bytes() == data, name

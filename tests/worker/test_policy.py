@@ -14,7 +14,7 @@ from sitefit.exceptions import InvalidInputError
 from sitefit.settings import Settings
 from sitefit.volume import load_scan
 from tests.conftest import PhantomCase
-from worker.batchnorm import is_running_statistic
+from worker.batchnorm import interpolate_statistics, is_running_statistic
 from worker.engine import Engine, Progress, SegmentRequest, SegmentResult
 from worker.inference import SlicePrediction, foreground_dice, predict
 from worker.policy import auto_fast_path
@@ -388,12 +388,10 @@ def test_a_sites_first_version_is_saved_by_the_first_save_rule(
     assert saved.self_consistency_saved is not None and saved.self_consistency_saved < before
     again = engine.run(SegmentRequest(scan, consistent_brain_model, "first", "adapt")).report
     assert again.site_weights.used_version == 1
-    start = again.site_weights.self_consistency_on_scan
-    if again.site_weights.saved_version is not None:
-        assert start is not None and again.site_weights.self_consistency_saved is not None
-        assert again.site_weights.self_consistency_saved > start
-    else:
-        assert len(engine.store.sites.history("first", consistent_brain_model)) == 1
+    # a later version must beat the version it starts from, which on this scan none does
+    assert again.site_weights.saved_version is None, again.site_weights.save_reason
+    assert (again.site_weights.save_reason or "").startswith("not saved: none beats")
+    assert len(engine.store.sites.history("first", consistent_brain_model)) == 1
 
 
 def test_adapt_does_not_save_over_a_version_another_job_saved_meanwhile(
@@ -525,3 +523,46 @@ def test_a_version_is_saved_only_from_weights_that_pass_the_guard_on_the_scan(
     chosen = "the pooled statistics" if pooled_passes else "this scan's output"
     assert f"kept by the guard: {chosen}" in save.reason, save.reason
     assert ("fail the guard's checks" in save.reason) is not pooled_passes
+
+
+def test_the_engine_saves_no_pooled_statistics_the_guard_rejects_on_the_scan(
+    engine: Engine, consistent_brain_model: str, near_source_brain_case: PhantomCase
+) -> None:
+    """A guard margin between the pooled point's (0.75 of the way) Dice(early, final) and the
+    scan's own (1.0): the guard keeps the scan's statistics for the output, and the engine
+    must judge the pooled statistics by the same guard before it saves them."""
+    model, scan = consistent_brain_model, near_source_brain_case.image
+    spec = engine.store.models.spec(model)
+    net = engine.base_net(spec)
+    prepared = prepare_scan(load_scan(scan, 10**8), spec.slice_axis, engine.device)
+    start = mutable_state(net)
+    own = {**start, **scan_statistics(net, prepared.slices, 2)}
+    consistency = {}
+    for weight in (0.0, 0.75, 1.0):
+        load_state(net, interpolate_statistics(start, own, weight))
+        prediction = predict(net, prepared.slices, 8)
+        consistency[weight] = foreground_dice(prediction.early, prediction.final, 2)
+    assert consistency[1.0] > consistency[0.75], f"premise: {consistency}"
+    gain = (consistency[0.75] + consistency[1.0]) / 2 - consistency[0.0]
+    engine.settings = engine.settings.model_copy(update={"guard_min_consistency_gain": gain})
+    report = engine.run(SegmentRequest(scan, model, "margin", "adapt")).report
+    assert report.guard is not None and report.guard.verdict == "kept"
+    reason = report.site_weights.save_reason or ""
+    assert "kept by the guard: this scan's output" in reason, reason
+    assert "the pooled statistics fail the guard's checks" in reason
+
+
+def test_auto_refines_where_the_cached_weights_find_nothing(
+    engine: Engine, brain_model: str, shifted_brain_case: PhantomCase
+) -> None:
+    """Cached weights whose heads both predict nothing agree perfectly (1.0, above any
+    threshold or margin): auto must not serve them as they are."""
+    spec = engine.store.models.spec(brain_model)
+    base = engine.store.models.tensors(spec)
+    nothing = {k: np.full_like(base[k], -1e4) for k in ("body.out_conv.bias",
+                                                        "early_head.layers.4.bias")}  # fmt: skip
+    engine.store.sites.append("blind", spec, nothing, scans_refined=1,
+                              self_consistency_before=0.5, self_consistency_after=1.0,
+                              refinement_epochs=1)  # fmt: skip
+    report = engine.run(SegmentRequest(shifted_brain_case.image, brain_model, "blind", "auto"))
+    assert report.report.mode_used == "adapt" and "empty" in report.report.mode_reason
