@@ -108,7 +108,8 @@ class WorkerProcess:
         self.metrics_port = metrics_port
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 60) -> WorkerProcess:
+    def start(self, timeout: float = 60, *, wait: bool = True) -> WorkerProcess:
+        """Start the process; with ``wait``, return once it registered with Redis."""
         command = [sys.executable, "-m", "sitefit", "worker"]
         if self.metrics_port is not None:
             command += ["--metrics-port", str(self.metrics_port)]
@@ -116,6 +117,10 @@ class WorkerProcess:
             self.process = subprocess.Popen(
                 command, env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT
             )
+        return self.wait_registered(timeout) if wait else self
+
+    def wait_registered(self, timeout: float = 60) -> WorkerProcess:
+        assert self.process is not None
         client = redis.Redis.from_url(self.env["SITEFIT_REDIS_URL"])
         queue = self.env["SITEFIT_QUEUE_NAME"]
         pid = self.process.pid

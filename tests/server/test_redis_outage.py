@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tests.conftest import PhantomCase
 from tests.server.helpers import client, service_settings, upload, wait_for_status
-from tests.server.processes import RedisProcess
+from tests.server.processes import RedisProcess, WorkerProcess, service_env
 
 
 def test_api_survives_a_redis_outage_and_recovers(
@@ -48,3 +48,34 @@ def test_api_survives_a_redis_outage_and_recovers(
     assert not [
         p for p in (service_home / "jobs").iterdir() if p.name == ".incoming" and any(p.iterdir())
     ]
+
+
+def test_a_worker_outlives_redis_being_down_at_its_start_and_mid_job(
+    service_home: Path, brain_model: str, shifted_brain_case: PhantomCase, tmp_path: Path
+) -> None:
+    """operations.md: the worker reconnects with back-off. Started before Redis, it waits
+    (it used to exit with a traceback); Redis stopping while a job runs does not end it."""
+    private = RedisProcess(tmp_path)  # its port is chosen; the server is not running yet
+    env = service_env(service_home, private.url, "late-redis")
+    worker = WorkerProcess(env, tmp_path / "worker.log").start(wait=False)
+    settings = service_settings(service_home, redis_url=private.url, queue_name="late-redis")
+    try:
+        time.sleep(3)  # a few failed connections and back-offs
+        assert worker.process is not None and worker.process.poll() is None, "it gave up"
+        private.start()
+        worker.wait_registered()
+        with client(settings) as api:
+            first = upload(api, shifted_brain_case.image, brain_model, mode="adapt").json()["id"]
+            wait_for_status(api, first, ("running", "finished"), timeout=60)
+            private.stop()  # the job ends while Redis is away
+            time.sleep(3)
+            assert worker.process.poll() is None, "the worker died with Redis"
+            private.start()
+            worker.wait_registered()
+            second = upload(api, shifted_brain_case.image, brain_model)
+            assert second.status_code == 202, second.text
+            done = wait_for_status(api, second.json()["id"], ("finished", "failed"), timeout=60)
+            assert done["status"] == "finished", done
+    finally:
+        worker.stop()
+        private.stop()
