@@ -6,6 +6,7 @@ but they are real models trained by the real code, which is what the tests need.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,14 @@ import pytest
 from sitefit.settings import Settings
 
 TEST_FOV_MM = 40.0
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The suite is hermetic: a developer's exported SITEFIT_* variables would reach every
+    Settings() the tests build (pydantic-settings reads the environment), and the tests
+    state what they need explicitly. Tests of the environment path set their own."""
+    for name in [name for name in os.environ if name.startswith("SITEFIT_")]:
+        del os.environ[name]
 
 
 @dataclass(frozen=True)
