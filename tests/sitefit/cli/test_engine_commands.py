@@ -10,8 +10,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from model_store.base_models import BaseModelRegistry
 from sitefit import defaults
 from sitefit.cli import main
+from sitefit.cli.engine_commands import DEMO_MODEL, DEMO_TARGET_DOMAIN
+from sitefit.report import Report
 from sitefit.settings import Settings
 from tests.conftest import PhantomCase
 
@@ -216,3 +219,30 @@ def test_train_refuses_impossible_hyper_parameters_in_one_line(
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("sitefit train: error: argument ") and flag in err[-1], err
+
+
+def test_demo_adapts_a_shifted_scan_with_the_demo_model(
+    tmp_path: Path,
+    settings: Settings,
+    brain_model: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`make run`'s first step, with the session's tiny model registered as the demo model
+    (building it takes minutes: the demo trains only when the store has none)."""
+    home = tmp_path / "home"
+    source = BaseModelRegistry(settings.models_dir)
+    spec = source.spec(brain_model)
+    demo = spec.model_copy(update={"name": DEMO_MODEL})
+    BaseModelRegistry(home / "models").register_payload(demo, source.payload(spec))
+    monkeypatch.setenv("SITEFIT_HOME", str(home))  # the CLI's configuration path
+    assert main(["demo", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert f"demo model {DEMO_MODEL} found" in captured.err
+    report = Report.model_validate_json((home / "demo" / "report.json").read_bytes())
+    assert report.mode_used == "adapt" and report.site == DEMO_TARGET_DOMAIN
+    assert report.reference is not None and report.refinement.stopped != "skipped"
+    mask = nib.load(home / "demo" / "mask.nii.gz")
+    target = next((home / "demo" / "target" / "imagesTr").iterdir())
+    assert mask.shape == nib.load(target).shape
+    assert "reference (ground truth)" in captured.out and "mask: " in captured.out
