@@ -96,7 +96,12 @@ def test_dicom_series_upload_runs_on_the_series_grid(
     np.testing.assert_allclose(got.affine, source.affine, atol=1e-3)
 
 
-def test_worker_and_api_metrics(service: Service, brain_model: str) -> None:
+def test_worker_and_api_metrics(
+    service: Service, brain_model: str, shifted_brain_case: PhantomCase
+) -> None:
+    for mode in ("none", "adapt"):  # its own jobs: the test does not lean on the others'
+        job_id = upload(service.api, shifted_brain_case.image, brain_model, mode=mode).json()["id"]
+        assert wait_for_status(service.api, job_id, ("finished", "failed"))["status"] == "finished"
     port = service.worker.metrics_port
     worker_metrics = httpx2.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
     for name in (
