@@ -53,15 +53,23 @@ def read_dataset(root: Path) -> Dataset:
     if not meta_path.is_file():
         raise DatasetError(f"{root}: no dataset.json (expected an nnU-Net v2 raw dataset)")
     try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise DatasetError(f"{meta_path}: not valid JSON ({error})") from None
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DatasetError(f"{meta_path}: not valid JSON in UTF-8 ({error})") from None
+    if not isinstance(meta, dict):
+        raise DatasetError(f"{meta_path}: expected a JSON object")
     channels = meta.get("channel_names", {})
-    if len(channels) != 1:
-        raise DatasetError(f"{meta_path}: sitefit models take one channel, found {len(channels)}")
+    if not isinstance(channels, dict) or len(channels) != 1:
+        found = len(channels) if isinstance(channels, dict) else repr(channels)[:40]
+        raise DatasetError(f"{meta_path}: sitefit models take one channel, found {found}")
     labels = meta.get("labels")
     if not isinstance(labels, dict) or not all(isinstance(v, int) for v in labels.values()):
         raise DatasetError(f"{meta_path}: 'labels' must map class names to integer values")
+    if "ignore" in labels:
+        raise DatasetError(
+            f"{meta_path}: nnU-Net's 'ignore' label (unlabelled voxels) is not supported; "
+            "label every voxel, or leave those cases out"
+        )
     classes = {int(v): str(k) for k, v in labels.items()}
     if 0 not in classes or sorted(classes) != list(range(len(classes))) or len(classes) < 2:
         raise DatasetError(f"{meta_path}: labels must be 0 (background), 1, ..., C-1")
@@ -75,13 +83,27 @@ def read_dataset(root: Path) -> Dataset:
         cases.append(Case(name, image, label))
     if not cases:
         raise DatasetError(f"{root}: no labelled cases in labelsTr/*{ending}")
+    unlabelled = sorted(
+        image.name for image in (root / "imagesTr").glob(f"*_0000{ending}")
+        if image.name[: -len(f"_0000{ending}")] not in {case.name for case in cases}
+    )  # fmt: skip
+    if unlabelled:
+        raise DatasetError(
+            f"{root}: {len(unlabelled)} image(s) without a label in labelsTr, e.g. "
+            f"imagesTr/{unlabelled[0]}"
+        )
     return Dataset(root, str(meta.get("name", root.name)), classes, cases)
 
 
 def load_slices(
-    cases: list[Case], slice_axis: int, max_voxels: int = defaults.MAX_VOXELS
+    cases: list[Case],
+    slice_axis: int,
+    max_voxels: int = defaults.MAX_VOXELS,
+    num_classes: int | None = None,
 ) -> Slices:
-    """Load, normalise and slice cases; pad every slice to a common size (multiple of 8)."""
+    """Load, normalise and slice cases; pad every slice to a common size (multiple of 8).
+    With ``num_classes``, a label value outside 0..C-1 is refused (e.g. a binary mask stored
+    as 0/255, which a loss would take as a target of 255)."""
     images, labels, ranges = [], [], []
     start = 0
     for case in cases:
@@ -90,6 +112,12 @@ def load_slices(
             label = load_label_map(case.label, like=scan)
         except InvalidInputError as error:
             raise DatasetError(f"case {case.name}: {error}") from None
+        if num_classes is not None and label.size and int(label.max()) >= num_classes:
+            found = sorted(int(v) for v in np.unique(label) if v >= num_classes)
+            raise DatasetError(
+                f"case {case.name}: label value(s) {found[:5]} not among the dataset's classes "
+                f"0..{num_classes - 1} (dataset.json 'labels')"
+            )
         images.append(to_slices(minmax_normalize(scan.data), slice_axis))
         labels.append(to_slices(label, slice_axis))
         ranges.append((start, start + images[-1].shape[0]))

@@ -48,8 +48,12 @@ class TrainConfig:
     validation_fraction: float = defaults.VALIDATION_FRACTION
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.head_epochs < 1 or self.batch_size < 1:
-            raise InvalidInputError("epochs, head epochs and batch size must be at least 1")
+        if self.epochs < 1 or self.head_epochs < 1:
+            raise InvalidInputError("epochs and head epochs must be at least 1")
+        if self.batch_size < 2:  # batch norm in train mode needs two slices per batch
+            raise InvalidInputError(f"batch size must be at least 2, not {self.batch_size}")
+        if not 0 <= self.seed < 2**32:
+            raise InvalidInputError(f"seed must be in 0..2**32-1, not {self.seed}")
         if self.slice_axis not in (0, 1, 2):
             raise InvalidInputError(f"slice axis must be 0, 1 or 2, not {self.slice_axis}")
         if not 0.0 <= self.validation_fraction < 1.0:
@@ -96,8 +100,9 @@ def train_base_model(
         f"dataset {dataset.name}: {len(train_cases)} training and {len(val_cases)} validation "
         f"cases, classes {dataset.classes}"
     )
-    train = load_slices(train_cases, config.slice_axis)
-    val = load_slices(val_cases, config.slice_axis) if val_cases else train
+    classes = len(dataset.classes)
+    train = load_slices(train_cases, config.slice_axis, num_classes=classes)
+    val = load_slices(val_cases, config.slice_axis, num_classes=classes) if val_cases else train
 
     num_outputs = 1 if len(dataset.classes) == 2 else len(dataset.classes)
     net_config = NetConfig(num_outputs, config.base_channels, config.levels, config.res_blocks)
@@ -125,6 +130,7 @@ def train_base_model(
     train_early_head(net, train, val, num_classes, config, generator, device, log)
 
     final_dice, early_dice = _validate(net, val, num_classes, config.batch_size, device)
+    _refuse_broken_weights(net)
     spec = ModelSpec(
         name=name,
         version=1,
@@ -280,3 +286,15 @@ def _validate(
         finals.append(foreground_dice(prediction.final, labels, num_classes))
         earlies.append(foreground_dice(prediction.early, labels, num_classes))
     return float(np.mean(finals)), float(np.mean(earlies))
+
+
+def _refuse_broken_weights(net: SegmentationNet) -> None:
+    """No model is registered whose training diverged (a learning rate far too high) or
+    never stepped: its weights would serve every later job."""
+    broken = [k for k, v in net.state_dict().items() if v.is_floating_point() and not
+              bool(torch.isfinite(v).all())]  # fmt: skip
+    if broken:
+        raise InvalidInputError(
+            f"training diverged: {len(broken)} weight tensor(s) hold NaN or inf (e.g. "
+            f"{broken[0]}); nothing was registered. Lower the learning rate."
+        )

@@ -97,8 +97,6 @@ def run_phantoms(args: argparse.Namespace) -> int:
         return 0
     if args.domain is None or args.out is None:
         raise InvalidInputError("phantoms needs --domain and --out (or --list-domains)")
-    if args.n < 1:
-        raise InvalidInputError(f"--n must be at least 1, not {args.n}")
     out = write_dataset(args.task, args.domain, args.n, args.seed, args.out, args.fov_mm)
     print(f"wrote {args.n} {args.task} subject(s) of domain {args.domain} to {out}")
     return 0

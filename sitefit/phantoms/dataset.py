@@ -44,6 +44,9 @@ def subject_seed(seed: int, index: int) -> int:
     return int(state[0])
 
 
+MAX_SUBJECTS = 10_000  # per dataset: a typo must not fill the disk (or the memory)
+
+
 def case_name(task: str, domain: str, seed: int, index: int) -> str:
     """nnU-Net case identifier of case ``index``."""
     return f"{task}_{domain}_{seed}_{index:03d}"
@@ -87,8 +90,8 @@ def write_dataset(
     check_task(task)
     scanner = get_domain(domain)
     seed = check_seed(seed)
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-        raise InvalidInputError(f"n must be a positive integer, got {n!r}")
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= MAX_SUBJECTS:
+        raise InvalidInputError(f"n must be an integer from 1 to {MAX_SUBJECTS:,}, got {n!r}")
     n = int(n)
     fov = check_fov(fov_mm)
     out = Path(out)

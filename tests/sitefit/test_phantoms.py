@@ -147,8 +147,9 @@ def test_unknown_names_and_bad_arguments_raise() -> None:
     for bad_fov in (0.0, -5.0, float("nan"), 1e4):
         with pytest.raises(InvalidInputError, match="fov_mm"):
             make_subject("brain", "a3t", 0, bad_fov)
-    with pytest.raises(InvalidInputError, match="n must"):
-        write_dataset("brain", "a3t", 0, 0, Path("unused"))
+    for bad_n in (0, 10_001, 10**20):  # 10**20 once built every case name, then ran out of RAM
+        with pytest.raises(InvalidInputError, match="n must be an integer from 1 to 10,000"):
+            write_dataset("brain", "a3t", bad_n, 0, Path("unused"))
 
 
 def test_write_dataset_layout_and_contents(tmp_path: Path) -> None:

@@ -4,6 +4,8 @@ import json
 import shutil
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 
@@ -71,6 +73,20 @@ def test_progress_is_logged_per_epoch(brain_model: str) -> None:
             ),
             "one channel",
         ),
+        (lambda d: (d / "dataset.json").write_text("[1, 2]"), "expected a JSON object"),
+        (
+            lambda d: (d / "dataset.json").write_bytes(
+                (d / "dataset.json").read_text().encode("utf-16")
+            ),
+            "not valid JSON in UTF-8",
+        ),
+        (lambda d: _edit_meta(d, channel_names=1), "one channel"),
+        (
+            lambda d: _edit_meta(d, labels={"background": 0, "brain": 1, "ignore": 2}),
+            "'ignore' label",
+        ),
+        (lambda d: next((d / "labelsTr").iterdir()).unlink(), "without a label"),
+        (lambda d: _scale_labels(d, 255), r"label value\(s\) \[255\] not among"),
     ],
 )
 def test_bad_datasets_are_refused(
@@ -88,6 +104,33 @@ def test_bad_datasets_are_refused(
             torch.device("cpu"),
             log=str,
         )
+
+
+def _edit_meta(root: Path, **changes: object) -> None:
+    meta = json.loads((root / "dataset.json").read_text())
+    (root / "dataset.json").write_text(json.dumps({**meta, **changes}))
+
+
+def _scale_labels(root: Path, factor: int) -> None:
+    """A binary mask stored as 0/255, as many tools write them."""
+    for path in (root / "labelsTr").iterdir():
+        image = nib.load(path)
+        data = (np.asarray(image.dataobj) * factor).astype(np.uint8)
+        nib.save(nib.Nifti1Image(data, image.affine, image.header), path)
+
+
+def test_training_that_diverges_registers_nothing(brain_dataset: Path, tmp_path: Path) -> None:
+    registry = BaseModelRegistry(tmp_path)
+    config = TrainConfig(**{**TINY_TRAINING, "epochs": 1, "learning_rate": 1e12})
+    with pytest.raises(InvalidInputError, match="training diverged"):
+        train_base_model(brain_dataset, "nan", config, registry, torch.device("cpu"), log=str)
+    assert registry.names() == []
+
+
+@pytest.mark.parametrize(("field", "value"), [("batch_size", 1), ("seed", -1), ("seed", 2**32)])
+def test_impossible_training_options_are_refused(field: str, value: int) -> None:
+    with pytest.raises(InvalidInputError, match=field.replace("_", " ")):
+        TrainConfig(**{field: value})  # type: ignore[arg-type]
 
 
 def test_the_early_head_can_train_under_each_scans_own_statistics(
