@@ -59,6 +59,17 @@ class SitefitWorker(SimpleWorker):
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return 3 * self.heartbeat_s
 
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        """RQ's heartbeat, which first registers the worker again when Redis has no record of
+        it: Redis restarted empty (it keeps nothing on disk) or the worker's key expired while
+        it was cut off. RQ reconnects by itself but registers only at start, so the worker
+        kept taking jobs while invisible to ``rq info``, dashboards and readiness checks.
+        RQ heartbeats at every turn of its dequeue loop, also after each reconnect."""
+        if pipeline is None and not self.connection.exists(self.key):
+            log.warning("Redis has no record of this worker (restarted?): registering again")
+            self.register_birth()
+        super().heartbeat(timeout, pipeline)
+
     def execute_job(self, job: Job, queue: Queue) -> None:
         execution = self.prepare_execution(job)
         done = threading.Event()

@@ -79,3 +79,24 @@ def test_a_worker_outlives_redis_being_down_at_its_start_and_mid_job(
     finally:
         worker.stop()
         private.stop()
+
+
+def test_a_worker_registers_again_with_a_redis_that_restarted_empty(
+    service_home: Path, tmp_path: Path
+) -> None:
+    """Redis keeps nothing on disk: after a restart the idle worker's registration is gone.
+    RQ reconnects by itself but registers only at start; the worker must register again."""
+    private = RedisProcess(tmp_path)
+    private.start()
+    worker = WorkerProcess(service_env(service_home, private.url, "restart"), tmp_path / "w.log")
+    try:
+        worker.start()
+        private.stop()
+        time.sleep(2)  # the worker's blocking dequeue fails; RQ retries with back-off
+        private.start()
+        worker.wait_registered(timeout=30)
+        assert worker.process is not None and worker.process.poll() is None
+        assert "registering again" in worker.log.read_text()
+    finally:
+        worker.stop()
+        private.stop()
