@@ -174,7 +174,8 @@ def mean_sdice(
 def evaluate(engine: Engine, spec: ModelSpec, net: torch.nn.Module, case: Case) -> float:
     scan = load_scan(case.image, engine.settings.max_voxels)
     prepared = prepare_scan(scan, spec.slice_axis, engine.device)
-    prediction = predict(net, prepared.slices, engine.settings.refine_batch_size)  # type: ignore[arg-type]
+    prediction = predict(net, prepared.slices, engine.settings.refine_batch_size,  # type: ignore[arg-type]
+                         region=prepared.region)  # fmt: skip
     reference = load_label_map(case.label, like=scan)
     return mean_sdice(spec, prepared.volume(prediction.final), reference, scan.spacing_mm)[0]
 

@@ -81,7 +81,7 @@ from sitefit.phantoms import DOMAINS, make_subject, write_dataset  # noqa: E402
 from sitefit.settings import StatisticsAverage  # noqa: E402
 from sitefit.volume import load_label_map, load_scan, save_image_atomic  # noqa: E402
 from worker.guard import GuardConfig, acceptance, default_consistency_gain, judge  # noqa: E402
-from worker.inference import Precision, foreground_dice, predict  # noqa: E402
+from worker.inference import Precision, Region, foreground_dice, predict  # noqa: E402
 from worker.nets import NetConfig, SegmentationNet  # noqa: E402
 from worker.preprocess import prepare_scan  # noqa: E402
 from worker.refinement import RefineConfig, refine  # noqa: E402
@@ -271,10 +271,19 @@ class Settings:
 
 
 def run_method(
-    method: str, net: SegmentationNet, slices: torch.Tensor, num_classes: int, settings: Settings
+    method: str,
+    net: SegmentationNet,
+    slices: torch.Tensor,
+    num_classes: int,
+    settings: Settings,
+    region: Region | None = None,
 ) -> MethodRun:
-    """Adapt ``net`` to ``slices`` and segment them with ``method``: reference or sitefit."""
+    """Adapt ``net`` to ``slices`` and segment them with ``method``: reference or sitefit.
+
+    Masks are of ``region`` (``PreparedScan.region``) when given, as the engine's are.
+    """
     device = slices.device
+    rows, columns = region or (slice(None), slice(None))
     if method == "reference":
         ref = reference_refine(
             net,
@@ -286,7 +295,8 @@ def run_method(
                 stop_delta=settings.stop_delta,
             ),
         )
-        return MethodRun(method, ref.seconds, ref.epochs, ref.dice_trace, ref.final)
+        final = ref.final[:, rows, columns]
+        return MethodRun(method, ref.seconds, ref.epochs, ref.dice_trace, final)
     if method != "sitefit":
         raise ValueError(f"unknown method {method!r}")
     # What the engine does in mode "adapt" (worker/engine.py), without loading and figures.
@@ -298,6 +308,7 @@ def run_method(
         settings.batch_size,
         precision=settings.precision,
         eval_batch=settings.eval_batch,
+        region=region,
     )
     start_consistency = foreground_dice(base.early, base.final, num_classes)
     seconds["initial"] = time.perf_counter() - tick
@@ -317,7 +328,7 @@ def run_method(
         min_consistency_gain=default_consistency_gain(settings.learning_rate),
     )
     result = refine(net, slices, num_classes, start_consistency, config, keep_states=True,
-                    accept=acceptance(base, num_classes, guard))  # fmt: skip
+                    accept=acceptance(base, num_classes, guard), region=region)  # fmt: skip
     seconds["train"], seconds["evaluate"] = result.train_seconds, result.eval_seconds
     tick = time.perf_counter()
     verdict = judge(base, result.predictions, num_classes, guard, result.dice_trace)
@@ -381,7 +392,7 @@ def measured_run(args: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(device)
     sync(device)
     tick, cpu_tick = time.perf_counter(), time.process_time()
-    run = run_method(args.run, net, prepared.slices, classes, settings)
+    run = run_method(args.run, net, prepared.slices, classes, settings, prepared.region)
     sync(device)
     total, cpu_total = time.perf_counter() - tick, time.process_time() - cpu_tick
     peak = (
@@ -393,7 +404,8 @@ def measured_run(args: argparse.Namespace) -> dict[str, Any]:
     if args.run == "sitefit":  # the cached-site path: one eval pass with given weights
         sync(device)
         tick = time.perf_counter()
-        predict(net, prepared.slices, settings.batch_size, precision=settings.precision)
+        predict(net, prepared.slices, settings.batch_size, precision=settings.precision,
+                region=prepared.region)  # fmt: skip
         sync(device)
         cached = time.perf_counter() - tick
     reference = load_label_map(label_path, like=scan)
@@ -663,6 +675,7 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
                     prepared.slices,
                     classes,
                     settings,
+                    prepared.region,
                 )
                 seconds = time.perf_counter() - tick
                 masks = {method: run.final}

@@ -80,6 +80,9 @@ HELPFUL, HARMFUL = 0.01, -0.01  # true change of surface Dice that counts as hel
 MAX_HARM = 0.01  # (a): on the harm task no domain's guarded mean may fall more below base
 MIN_GAIN_KEPT = 0.9  # (b): brain and heart keep at least this share of the unguarded gain
 WORK = ROOT / "var" / "guard"
+# what a record's figures mean; records of another format are collected again and never
+# calibrated on. 2: the guard's signals count the scan's own pixels, not the in-plane padding
+RECORD_FORMAT = 2
 SHARED_MODELS = ROOT / "var" / "bench1" / "home" / "models"  # adapt_quality's, read-only
 
 
@@ -216,12 +219,14 @@ def refine_scan(
     prepared = prepare_scan(scan, spec.slice_axis, torch.device("cpu"))
     classes = len(spec.classes)
     net = build_net(spec, tensors, torch.device("cpu"))
-    base = predict(net, prepared.slices, config.batch_size, precision=config.precision)
+    base = predict(net, prepared.slices, config.batch_size, precision=config.precision,
+                   region=prepared.region)  # fmt: skip
     start_state = mutable_state(net)
     start_consistency = foreground_dice(base.early, base.final, classes)
     tick = time.perf_counter()
     with step_rule(rule):
-        result = refine(net, prepared.slices, classes, start_consistency, config, keep_states=True)
+        result = refine(net, prepared.slices, classes, start_consistency, config, keep_states=True,
+                        region=prepared.region)  # fmt: skip
     seconds = time.perf_counter() - tick
     spacing = scan.spacing_mm
     epochs = []
@@ -241,6 +246,7 @@ def refine_scan(
         )
     return {
         "case": image.name.replace("_0000.nii.gz", ""),
+        "format": RECORD_FORMAT,
         "model": spec.ref,
         "spacing_mm": list(spacing),
         "start_consistency": start_consistency,
@@ -284,7 +290,7 @@ def collect(args: argparse.Namespace) -> None:
                 for index, image in enumerate(case_paths(task, domain, seed, n, args)):
                     path = record_path(args, task, domain, seed, index)
                     model = spec.ref
-                    if path.exists() and json.loads(path.read_text())["model"] == model:
+                    if path.exists() and current(json.loads(path.read_text()), model):
                         continue
                     record = refine_scan(spec, tensors, image, config)
                     record.update(
@@ -347,7 +353,24 @@ def load_records(args: argparse.Namespace, seed: int, kind: str) -> list[dict[st
             models[task] = f"{found[1].name}@{found[1].version}"
     folder = args.work / "records" / kind
     records = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
-    return [r for r in records if r["seed"] == seed and models.get(r["task"]) == r["model"]]
+    return [r for r in records if r["seed"] == seed and current(r, models.get(r["task"]))]
+
+
+def current(record: dict[str, Any], model: str | None) -> bool:
+    """Whether ``record`` was made with ``model`` and in this code's ``RECORD_FORMAT``."""
+    return record.get("format") == RECORD_FORMAT and record["model"] == model
+
+
+def head_epochs(args: argparse.Namespace) -> str:
+    """The early heads' training epochs of the models calibrated on, e.g. "6 (heart: 20)"."""
+    epochs = {}
+    for task in args.tasks:
+        found = find_model(task, args)
+        epochs[task] = found[1].training.head_epochs if found else args.head_epochs
+    values = list(epochs.values())
+    common = max(set(values), key=values.count)
+    others = ", ".join(f"{task}: {n}" for task, n in epochs.items() if n != common)
+    return f"{common} ({others})" if others else str(common)
 
 
 def by_cell(replays: list[Replay]) -> dict[tuple[str, str], list[Replay]]:
@@ -816,7 +839,7 @@ def calibrate(args: argparse.Namespace) -> None:
         f"(shared 2-core host), torch {torch.__version__}, CPU; refinement "
         f"{mean(seconds):.0f} s per scan on average.  ",
         f"Setup: base models `bench-brain`, `bench-heart`, `bench-tissue` (M=16, {args.n_train} "
-        f"source subjects, {args.epochs} U-Net + {args.head_epochs} head epochs, FOV "
+        f"source subjects, {args.epochs} U-Net + {head_epochs(args)} head epochs, FOV "
         f"{args.fov_mm:g} mm); refinement as the product's defaults (Adam lr "
         f"{args.lr:g}{' (batch-norm statistics only)' if args.lr == 0 else ''}, "
         f"batch {defaults.REFINE_BATCH_SIZE}, BN train, at most "
@@ -999,7 +1022,7 @@ def steps(args: argparse.Namespace) -> None:
                         else args.work / "records-steps" / args.numerics / name
                     )
                     model = spec.ref
-                    if not path.exists() or json.loads(path.read_text())["model"] != model:
+                    if not path.exists() or not current(json.loads(path.read_text()), model):
                         config = RefineConfig(learning_rate=lr, precision=args.precision)
                         record = refine_scan(spec, tensors, image, config, rule)
                         record.update(task=task, domain=domain, role=DOMAINS[domain].role,

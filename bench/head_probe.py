@@ -91,7 +91,8 @@ def main() -> int:
             for model, build_model in models:
                 net = build_model()
                 net.load_state_dict(interpolate_statistics(base_state, site, weight), strict=False)
-                p = predict(net, prepared.slices, defaults.REFINE_BATCH_SIZE)
+                p = predict(net, prepared.slices, defaults.REFINE_BATCH_SIZE,
+                            region=prepared.region)  # fmt: skip
                 early, final = (
                     mean_surface_dice(prepared.volume(labels), reference, foreground,
                                       scan.spacing_mm)

@@ -72,14 +72,15 @@ def main() -> int:
         return float(np.mean([f["surface_dice"] or 0.0 for f in figures.values()]))
 
     net = build_net(spec, registry.tensors(spec), torch.device("cpu"))
-    base = predict(net, prepared.slices, 20)
+    base = predict(net, prepared.slices, 20, region=prepared.region)
     classes = len(spec.classes)
     config = RefineConfig(max_epochs=args.epochs, learning_rate=args.lr,
                           batchnorm=args.batchnorm, stop_delta=-1.0,
                           statistics_average=args.average, statistics_passes=args.passes,
                           statistics_path=tuple(args.path), seed=args.seed)  # fmt: skip
     before = foreground_dice(base.early, base.final, classes)
-    result = refine(net, prepared.slices, classes, before, config, keep_states=True)
+    result = refine(net, prepared.slices, classes, before, config, keep_states=True,
+                    region=prepared.region)  # fmt: skip
     print(
         f"{args.task} {args.domain} BN {args.batchnorm} lr {args.lr:g} "
         f"({args.average if args.lr == 0 else 'self-training'}): base sDice "

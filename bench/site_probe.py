@@ -68,10 +68,11 @@ def consolidate(
     net: SegmentationNet, prepared: PreparedScan, classes: int, lr: float, epochs: int
 ) -> tuple[dict[str, torch.Tensor], list[float]]:
     """``net``'s state after the paper's self-training on ``prepared`` with BN frozen."""
-    start = predict(net, prepared.slices, defaults.REFINE_BATCH_SIZE)
+    start = predict(net, prepared.slices, defaults.REFINE_BATCH_SIZE, region=prepared.region)
     config = RefineConfig(learning_rate=lr, batchnorm="frozen", max_epochs=epochs)
     result = refine(net, prepared.slices, classes,
-                    foreground_dice(start.early, start.final, classes), config)  # fmt: skip
+                    foreground_dice(start.early, start.final, classes), config,
+                    region=prepared.region)  # fmt: skip
     return mutable_state(net), result.dice_trace
 
 
@@ -245,7 +246,7 @@ def main() -> int:
             judged, _, spacing = site_scans[scan_of.get(name, 0)]
             net = build_net(spec, tensors, device)
             net.load_state_dict(state, strict=False)
-            p = predict(net, judged.slices, defaults.REFINE_BATCH_SIZE)
+            p = predict(net, judged.slices, defaults.REFINE_BATCH_SIZE, region=judged.region)
             early, final = judged.volume(p.early), judged.volume(p.final)
             surface = overlap_per_class(early, final, foreground, spacing, 1.0)
             consistency[name] = (
@@ -264,7 +265,8 @@ def main() -> int:
             if state is None:
                 state = scan_statistics(net, prepared.slices, classes, args.passes)
             net.load_state_dict(state, strict=False)
-            labels = prepared.volume(predict(net, prepared.slices, 20).final)
+            prediction = predict(net, prepared.slices, 20, region=prepared.region)
+            labels = prepared.volume(prediction.final)
             figures = overlap_per_class(labels, reference, foreground, spacing, 1.0)
             scores[name].append(
                 float(np.mean([f["surface_dice"] or 0.0 for f in figures.values()]))

@@ -173,7 +173,8 @@ class Engine:
         clock.lap("load")
 
         notify(Progress("segmenting"))
-        base = predict(base_net, prepared.slices, self.settings.refine_batch_size)
+        base = predict(base_net, prepared.slices, self.settings.refine_batch_size,
+                       region=prepared.region)  # fmt: skip
         clock.lap("segment")
         outcome = self._apply_policy(request, spec, prepared, base, base_net, lookup, notify)
         clock.lap("adapt")
@@ -271,7 +272,9 @@ class Engine:
         where = f"site {request.site!r}"
         if site is None and request.mode == "cached":
             return _Outcome("none", f"{where} has no usable cached weights: base model", base)
-        candidate = predict(site.net, prepared.slices, batch) if site else None
+        candidate = None
+        if site is not None:
+            candidate = predict(site.net, prepared.slices, batch, region=prepared.region)
         consistency = None
         if candidate is not None:
             consistency = foreground_dice(candidate.early, candidate.final, classes)
@@ -326,7 +329,8 @@ class Engine:
         guard = self.guard_config()
         passes_guard = acceptance(start, classes, guard)
         result = refine(net, prepared.slices, classes, start_consistency, self.refine_config(),
-                        on_epoch, keep_states=True, accept=passes_guard)  # fmt: skip
+                        on_epoch, keep_states=True, accept=passes_guard,
+                        region=prepared.region)  # fmt: skip
         verdict = judge(start, result.predictions, classes, guard, result.dice_trace)
         if self.settings.guard:
             verdict = overrule_on_divergence(verdict, start_state, result.states)
@@ -350,7 +354,7 @@ class Engine:
                               passes_guard)  # fmt: skip
             save = save_next_version(self.store.sites, self.settings, spec,
                                      self._base_tensors[spec.sha256], request.site,
-                                     prepared.slices, used, lookup.latest_version,
+                                     prepared, used, lookup.latest_version,
                                      refined, request.job_id)  # fmt: skip
             outcome.site_save_reason = save.reason
             if save.version is not None and save.net is not None:

@@ -17,6 +17,11 @@ Execution plan (chosen by measurement; docs/benchmarks.md, "Refinement speed"):
 bf16 moves a few boundary voxels; the quality benchmark (bench/adapt_speed.py --quality)
 measured the effect on surface Dice (docs/benchmarks.md). Everything stays on the slices'
 device; an eval pass syncs with the host once (the entropy), :func:`foreground_dice` once.
+
+Padding: the slices are zero-padded in-plane (``worker.preprocess``) so the U-Net's pooling
+divides them. An eval pass given the scan's ``region`` returns labels and entropy of the
+scan's own pixels only, so every figure a decision is made from (the guard's, ``auto``'s,
+the site save rule's) is that of the report, whatever the net predicts on the padding.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ import torch
 from worker.nets import SegmentationNet, labels_from_logits, probabilities
 
 Precision = Literal["auto", "fp32", "bf16"]
+# the in-plane part of a padded slice that is the scan's own (rows, columns)
+Region = tuple[slice, slice]
 
 # Eval-pass batches: on CPU about this many pixels (cache-sized), within a memory budget;
 # on CUDA a share of the free memory.
@@ -47,9 +54,9 @@ _ACTIVATION_MAPS_PER_SLICE = 8
 class SlicePrediction:
     """Hard labels of the final output and the early head, on the net's device."""
 
-    final: torch.Tensor  # (N, H, W) uint8
+    final: torch.Tensor  # (N, H, W) uint8, H x W the region's (the whole slice without one)
     early: torch.Tensor  # (N, H, W) uint8
-    mean_entropy: float  # mean per-pixel entropy (nats) of the final probabilities
+    mean_entropy: float  # mean per-pixel entropy (nats) of the final probabilities, same pixels
 
 
 @dataclass(frozen=True)
@@ -167,8 +174,10 @@ def predict(
     *,
     precision: Precision = "auto",
     eval_batch: int | None = None,
+    region: Region | None = None,
 ) -> SlicePrediction:
-    """Segment ``slices`` (N, 1, H, W) in eval mode, batch by batch.
+    """Segment ``slices`` (N, 1, H, W) in eval mode, batch by batch; labels and entropy of
+    ``region`` only (``PreparedScan.region``: the scan without its padding), when given.
 
     ``batch_size`` is the batch of the exact (fp32) path; the fast path picks its own
     (:func:`eval_batch_size`: cache-sized on CPU, whole volumes on CUDA); ``eval_batch``
@@ -178,9 +187,8 @@ def predict(
     """
     execution = execution_for(slices.device, precision)
     with running(net, execution):
-        return run_eval(
-            net, slices, execution, eval_batch or _auto_batch(net, slices, batch_size, execution)
-        )
+        batch = eval_batch or _auto_batch(net, slices, batch_size, execution)
+        return run_eval(net, slices, execution, batch, region)
 
 
 def _auto_batch(
@@ -190,9 +198,14 @@ def _auto_batch(
 
 
 def run_eval(
-    net: SegmentationNet, slices: torch.Tensor, execution: Execution, batch_size: int
+    net: SegmentationNet,
+    slices: torch.Tensor,
+    execution: Execution,
+    batch_size: int,
+    region: Region | None = None,
 ) -> SlicePrediction:
     """:func:`predict` for a net already :func:`running` under ``execution``."""
+    rows, columns = region or (slice(None), slice(None))
     was_training = net.training
     net.eval()
     finals, earlies = [], []
@@ -200,14 +213,16 @@ def run_eval(
     with torch.inference_mode(), execution.autocast_context():
         for start in range(0, slices.shape[0], batch_size):
             final_logits, early_logits = net(execution.layout(slices[start : start + batch_size]))
+            # cropped before the argmax: new tensors of the region's size, not views
+            final_logits = final_logits[..., rows, columns]
+            early_logits = early_logits[..., rows, columns]
             finals.append(labels_from_logits(final_logits))
             earlies.append(labels_from_logits(early_logits))
             entropy += _entropy_sum(final_logits)  # accumulated on the device: no sync
     net.train(was_training)
-    pixels = slices.shape[0] * slices.shape[2] * slices.shape[3]
     final = finals[0] if len(finals) == 1 else torch.cat(finals)
     early = earlies[0] if len(earlies) == 1 else torch.cat(earlies)
-    return SlicePrediction(final, early, float(entropy) / pixels)
+    return SlicePrediction(final, early, float(entropy) / max(final.numel(), 1))
 
 
 def _entropy_sum(logits: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ import torch
 
 from sitefit import defaults
 from sitefit.volume import Scan, from_slices, minmax_normalize, pad_to_multiple, to_slices
+from worker.inference import Region
 
 
 @dataclass(frozen=True)
@@ -20,9 +21,27 @@ class PreparedScan:
     crop: tuple[slice, ...]  # undoes the in-plane padding of a (N, H, W) stack
     slice_axis: int
 
+    @property
+    def region(self) -> Region:
+        """The scan's own pixels of a padded slice: predict with it (``worker.inference``)."""
+        rows, columns = self.crop[-2:]
+        return rows, columns
+
     def volume(self, labels: torch.Tensor) -> np.ndarray:
-        """Predicted label slices (N, H, W) back to a canonical label volume (uint8)."""
-        return from_slices(labels.cpu().numpy()[self.crop], self.slice_axis)
+        """Predicted label slices of :attr:`region` (N, h, w) back to a canonical label
+        volume (uint8)."""
+        rows, columns = self.region
+        expected = (
+            self.slices.shape[0],
+            len(range(*rows.indices(self.slices.shape[2]))),
+            len(range(*columns.indices(self.slices.shape[3]))),
+        )
+        if tuple(labels.shape) != expected:
+            raise ValueError(
+                f"labels of shape {tuple(labels.shape)} are not this scan's region {expected}: "
+                f"predict with region=prepared.region"
+            )
+        return from_slices(labels.cpu().numpy(), self.slice_axis)
 
 
 def prepare_scan(scan: Scan, slice_axis: int, device: torch.device) -> PreparedScan:

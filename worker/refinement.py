@@ -58,6 +58,7 @@ from worker.batchnorm import (
 from worker.inference import (
     Execution,
     Precision,
+    Region,
     SlicePrediction,
     eval_batch_size,
     execution_for,
@@ -140,6 +141,7 @@ def refine(
     on_epoch: EpochCallback | None = None,
     keep_states: bool = False,
     accept: Acceptance | None = None,
+    region: Region | None = None,
 ) -> RefinementResult:
     """Refine ``net``'s init path in place on ``slices`` (N, 1, H, W) of one scan.
 
@@ -148,6 +150,9 @@ def refine(
     net's device, contiguous) so that a caller may pick an epoch other than the last.
     ``config.precision`` picks the numerics; ``"fp32"`` reproduces the original loop bitwise.
     The net's parameters keep their memory format on return.
+
+    ``region`` (``PreparedScan.region``) restricts every prediction, and so the stopping rule
+    and ``accept``, to the scan's own pixels; the steps see the padded slices, as training did.
 
     ``accept`` (the guard's per-epoch checks, which keep the last epoch that passes) lets the
     statistics path evaluate its points from the scan's statistics back towards the start
@@ -164,15 +169,16 @@ def refine(
     statistics_only = config.learning_rate == 0 and config.batchnorm == "train"
     with running(net, execution):
         optimizer = torch.optim.Adam(parameters, lr=config.learning_rate)
-        eval_batch = config.eval_batch_size or eval_batch_size(
+        batch = config.eval_batch_size or eval_batch_size(
             slices, config.batch_size, execution, net.config.base_channels
         )
+        evaluate = _Eval(execution, batch, region)
         if statistics_only and config.statistics_average == "cumulative":
-            run = _statistics_path(net, slices, num_classes, config, execution, eval_batch,
-                                   generator, on_epoch, accept)  # fmt: skip
+            run = _statistics_path(net, slices, num_classes, config, evaluate, generator,
+                                   on_epoch, accept)  # fmt: skip
         else:
-            run = _epochs(net, slices, num_classes, initial_dice, config, execution, eval_batch,
-                          generator, optimizer, on_epoch, keep_states)  # fmt: skip
+            run = _epochs(net, slices, num_classes, initial_dice, config, evaluate, generator,
+                          optimizer, on_epoch, keep_states)  # fmt: skip
         # no stale gradients (in the run's layout) left on the caller's parameters
         optimizer.zero_grad(set_to_none=True)
     net.requires_grad_(False)
@@ -189,6 +195,18 @@ def refine(
         eval_seconds=run.eval_seconds,
         path_points=run.points,
     )
+
+
+@dataclass(frozen=True)
+class _Eval:
+    """How a loop's eval passes run: numerics, batch, and the pixels they judge."""
+
+    execution: Execution
+    batch: int
+    region: Region | None
+
+    def __call__(self, net: SegmentationNet, slices: torch.Tensor) -> SlicePrediction:
+        return run_eval(net, slices, self.execution, self.batch, self.region)
 
 
 @dataclass
@@ -215,8 +233,7 @@ def _epochs(
     num_classes: int,
     initial_dice: float,
     config: RefineConfig,
-    execution: Execution,
-    eval_batch: int,
+    evaluate: _Eval,
     generator: torch.Generator,
     optimizer: torch.optim.Optimizer,
     on_epoch: EpochCallback | None,
@@ -224,7 +241,7 @@ def _epochs(
 ) -> _Run:
     """The epoch loop of the paper (and of the momentum average): steps over shuffled
     batches, then an eval pass, until Dice(early, final) settles or the epoch cap."""
-    run = _Run()
+    run, execution = _Run(), evaluate.execution
     statistics_only = config.learning_rate == 0 and config.batchnorm == "train"
     min_steps = config.min_statistics_steps if statistics_only else 0
     previous, steps, count = initial_dice, 0, slices.shape[0]
@@ -243,7 +260,7 @@ def _epochs(
             steps += 1
         tock = time.perf_counter()
         run.train_seconds += tock - tick
-        prediction = run_eval(net, slices, execution, eval_batch)
+        prediction = evaluate(net, slices)
         dice = foreground_dice(prediction.early, prediction.final, num_classes)
         run.eval_seconds += time.perf_counter() - tock
         run.add(mutable_state(net) if keep_states else {}, prediction, dice)
@@ -261,8 +278,7 @@ def _statistics_path(
     slices: torch.Tensor,
     num_classes: int,
     config: RefineConfig,
-    execution: Execution,
-    eval_batch: int,
+    evaluate: _Eval,
     generator: torch.Generator,
     on_epoch: EpochCallback | None,
     accept: Acceptance | None,
@@ -276,7 +292,7 @@ def _statistics_path(
     return. With ``accept`` the points are evaluated from the last one back, until one is
     accepted (see ``refine``).
     """
-    tick = time.perf_counter()
+    tick, execution = time.perf_counter(), evaluate.execution
     start = mutable_state(net)
     net.train()
     with cumulative_average(net):
@@ -294,7 +310,7 @@ def _statistics_path(
     for weight in path if accept is None else path[::-1]:
         state = interpolate_statistics(start, scan, weight)
         set_buffers(net, state)
-        prediction = run_eval(net, slices, execution, eval_batch)
+        prediction = evaluate(net, slices)
         dice = foreground_dice(prediction.early, prediction.final, num_classes)
         evaluated.append((weight, state, prediction, dice))
         if on_epoch is not None:  # counts the points evaluated, whichever comes first

@@ -35,6 +35,7 @@ from sitefit.settings import Settings, SiteFirstSave, SiteStatistics
 from worker.batchnorm import interpolate_statistics, is_running_statistic
 from worker.inference import SlicePrediction, foreground_dice, predict
 from worker.nets import SegmentationNet
+from worker.preprocess import PreparedScan
 from worker.weights import load_state, mutable_state
 
 
@@ -147,7 +148,7 @@ def save_next_version(
     spec: ModelSpec,
     base: dict[str, np.ndarray],
     site: str,
-    slices: torch.Tensor,
+    scan: PreparedScan,
     started_from: SiteVersion | None,
     latest_version: int | None,
     refined: Refined,
@@ -156,7 +157,7 @@ def save_next_version(
     """Save the site's next version (what differs from the base model ``base``) when
     :func:`choose_version` picks a candidate: the pooled statistics (with the statistics-only
     refinement: the scan's own, the refinement's last point, pooled with the base model's and
-    the site's earlier scans', judged by one more pass over ``slices``) or this scan's output
+    the site's earlier scans', judged by one more pass over ``scan``) or this scan's output
     (``refined.net``, what the guard kept). The save is a compare-and-set on
     ``latest_version``, the number of the site's latest version when the job looked (that of
     ``started_from``, or of a version that was unusable, e.g. made for another base model, in
@@ -185,7 +186,8 @@ def save_next_version(
         if any(not torch.equal(state[k], kept[k]) for k in state):
             pooled = copy.deepcopy(refined.net)
             load_state(pooled, state)
-            prediction = predict(pooled, slices, settings.refine_batch_size)
+            prediction = predict(pooled, scan.slices, settings.refine_batch_size,
+                                 region=scan.region)  # fmt: skip
             if refined.passes_guard(prediction):
                 candidates.insert(0, ("the pooled statistics", pooled, prediction))
             else:

@@ -107,3 +107,24 @@ def test_multiclass_report_has_per_class_figures(
 def test_unknown_model_is_a_clear_error(engine: Engine, shifted_brain_case: PhantomCase) -> None:
     with pytest.raises(ModelNotFoundError, match="unknown model 'nope'"):
         engine.run(SegmentRequest(shifted_brain_case.image, "nope"))
+
+
+def test_decisions_are_made_on_the_scans_own_pixels_not_the_padding(
+    engine: Engine, consistent_brain_model: str, shifted_brain_case: PhantomCase
+) -> None:
+    """Slices are zero-padded in-plane to a multiple of 8 for the U-Net, and on this scan the
+    final head marks much of that padding as brain (the early head none of it): what the net
+    predicts there must not count in the figures the guard, ``auto`` and the save rule decide
+    by, which are then the report's own. Counted with the padding, Dice(early, final) of the
+    start is about 0.16 here against the report's 0.22."""
+    shape = nib.load(shifted_brain_case.image).shape
+    assert all(n % 8 for n in shape), f"premise: every axis is padded, {shape}"
+    request = SegmentRequest(shifted_brain_case.image, consistent_brain_model, mode="adapt")
+    report = engine.run(request).report
+    assert report.guard is not None and report.refinement is not None
+    before, after = report.self_consistency.before.dice, report.self_consistency.after.dice
+    assert before is not None and after is not None, "premise: both heads find the brain"
+    assert report.guard.signals["self_consistency_start"] == pytest.approx(before, abs=1e-6)
+    kept = report.refinement.best_epoch
+    assert kept is not None, "premise: the guard keeps an epoch"
+    assert report.refinement.dice_trace[kept - 1] == pytest.approx(after, abs=1e-6)

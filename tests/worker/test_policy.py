@@ -505,7 +505,7 @@ def test_a_version_is_saved_only_from_weights_that_pass_the_guard_on_the_scan(
     prepared = prepare_scan(load_scan(shifted_brain_case.image, 10**8), spec.slice_axis,
                             engine.device)  # fmt: skip
     start_state = mutable_state(net)
-    start = predict(net, prepared.slices, 8)
+    start = predict(net, prepared.slices, 8, region=prepared.region)
     load_state(net, {**start_state, **scan_statistics(net, prepared.slices, 2)})
     judged: list[bool] = []
 
@@ -513,11 +513,12 @@ def test_a_version_is_saved_only_from_weights_that_pass_the_guard_on_the_scan(
         judged.append(pooled_passes)
         return pooled_passes
 
-    refined = Refined(net, predict(net, prepared.slices, 8), start_state, mutable_state(net),
+    after = predict(net, prepared.slices, 8, region=prepared.region)
+    refined = Refined(net, after, start_state, mutable_state(net),
                       foreground_dice(start.early, start.final, 2), 1, passes_guard)  # fmt: skip
     site = f"judged-{pooled_passes}"
     save = save_next_version(engine.store.sites, engine.settings, spec,
-                             engine.store.models.tensors(spec), site, prepared.slices, None,
+                             engine.store.models.tensors(spec), site, prepared, None,
                              None, refined)  # fmt: skip
     assert judged == [pooled_passes] and save.version is not None  # a guarded first save
     chosen = "the pooled statistics" if pooled_passes else "this scan's output"
@@ -540,7 +541,7 @@ def test_the_engine_saves_no_pooled_statistics_the_guard_rejects_on_the_scan(
     consistency = {}
     for weight in (0.0, 0.75, 1.0):
         load_state(net, interpolate_statistics(start, own, weight))
-        prediction = predict(net, prepared.slices, 8)
+        prediction = predict(net, prepared.slices, 8, region=prepared.region)
         consistency[weight] = foreground_dice(prediction.early, prediction.final, 2)
     assert consistency[1.0] > consistency[0.75], f"premise: {consistency}"
     gain = (consistency[0.75] + consistency[1.0]) / 2 - consistency[0.0]

@@ -370,6 +370,36 @@ def test_eval_batch_does_not_change_the_fp32_prediction() -> None:
     assert torch.equal(one.final, whole.final) and torch.equal(one.early, whole.early)
 
 
+def test_a_region_restricts_labels_and_entropy_to_it() -> None:
+    """``region`` (the scan without its padding) crops the labels and takes the mean entropy
+    over its pixels only."""
+    net, slices = _net(3), _slices()
+    rows, columns = slice(3, 29), slice(5, 30)
+    whole = predict(net, slices, 4, precision="fp32")
+    part = predict(net, slices, 4, precision="fp32", region=(rows, columns))
+    assert torch.equal(part.final, whole.final[:, rows, columns])
+    assert torch.equal(part.early, whole.early[:, rows, columns])
+    with torch.no_grad():
+        p = torch.softmax(net(slices)[0][..., rows, columns], dim=1)
+    expected = float(-(p * torch.log(p)).sum(dim=1).mean())
+    assert part.mean_entropy == pytest.approx(expected, rel=1e-5)
+    assert part.mean_entropy != pytest.approx(whole.mean_entropy, rel=1e-4)
+
+
+@pytest.mark.parametrize("learning_rate", [0.0, 1e-3])
+def test_refinement_judges_the_region_only(learning_rate: float) -> None:
+    """Every epoch's (or point's) prediction, and so the stopping rule's trace and what the
+    guard is shown, is of the region."""
+    net, slices = _net(), _slices()
+    rows, columns = slice(2, 30), slice(4, 31)
+    config = RefineConfig(max_epochs=2, batch_size=4, learning_rate=learning_rate)
+    result = refine(net, slices, 2, 0.0, config, keep_states=True, region=(rows, columns))
+    assert result.predictions
+    for prediction, dice in zip(result.predictions, result.dice_trace, strict=True):
+        assert prediction.final.shape == prediction.early.shape == (12, 28, 27)
+        assert dice == foreground_dice(prediction.early, prediction.final, 2)
+
+
 def test_eval_batch_sizes() -> None:
     from worker.inference import Execution, eval_batch_size
 
