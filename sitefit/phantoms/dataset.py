@@ -3,7 +3,9 @@
 Layout: ``imagesTr/CASE_0000.nii.gz``, ``labelsTr/CASE.nii.gz`` and ``dataset.json``. Subject
 ``i`` uses a seed derived from ``(seed, i)`` alone, so a dataset of ``n`` cases is a prefix of
 one with more. Every file is written to a temporary name in its folder and renamed into place,
-so a crash never leaves a half-written file under a final name; ``dataset.json`` comes last.
+so a crash never leaves a half-written file under a final name; ``dataset.json`` comes last,
+and a run that will change the cases of a folder removes its ``dataset.json`` first, so an
+interrupted run never leaves a mix of old and new cases under a manifest.
 Files are byte-for-byte reproducible (the gzip header carries no timestamp).
 """
 
@@ -98,17 +100,7 @@ def write_dataset(
     cases = [case_name(task, scanner.name, seed, i) for i in range(n)]
     _check_target(out, {"imagesTr": {f"{c}_0000{FILE_ENDING}" for c in cases},
                         "labelsTr": {f"{c}{FILE_ENDING}" for c in cases}})  # fmt: skip
-    images, labels = out / "imagesTr", out / "labelsTr"
-    images.mkdir(parents=True, exist_ok=True)
-    labels.mkdir(parents=True, exist_ok=True)
-    seeds: dict[str, int] = {}
-    for i, case in enumerate(cases):
-        seeds[case] = subject_seed(seed, i)
-        phantom = make_subject(task, scanner.name, seeds[case], fov)
-        write_atomic(
-            images / f"{case}_0000{FILE_ENDING}", nifti_bytes(phantom.image, phantom.affine)
-        )
-        write_atomic(labels / f"{case}{FILE_ENDING}", nifti_bytes(phantom.label, phantom.affine))
+    seeds = {case: subject_seed(seed, i) for i, case in enumerate(cases)}
     meta = {
         "name": f"sitefit_{task}_{scanner.name}_{seed}",
         "description": f"sitefit phantom, task {task}, scanner domain {scanner.name} "
@@ -129,5 +121,20 @@ def write_dataset(
             "subject_seeds": seeds,
         },
     }
-    write_atomic(out / "dataset.json", (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
+    manifest, manifest_bytes = out / "dataset.json", (json.dumps(meta, indent=2) + "\n").encode()
+    if manifest.is_file() and manifest.read_bytes() != manifest_bytes:
+        # the cases are about to change (another field of view, say): until they all have,
+        # no manifest may describe the folder, or an interrupted run would leave a mix that
+        # looks complete
+        manifest.unlink()
+    images, labels = out / "imagesTr", out / "labelsTr"
+    images.mkdir(parents=True, exist_ok=True)
+    labels.mkdir(parents=True, exist_ok=True)
+    for case, subject in seeds.items():
+        phantom = make_subject(task, scanner.name, subject, fov)
+        write_atomic(
+            images / f"{case}_0000{FILE_ENDING}", nifti_bytes(phantom.image, phantom.affine)
+        )
+        write_atomic(labels / f"{case}{FILE_ENDING}", nifti_bytes(phantom.label, phantom.affine))
+    write_atomic(manifest, manifest_bytes)
     return out

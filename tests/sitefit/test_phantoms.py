@@ -23,6 +23,7 @@ from sitefit.phantoms import (
     subject_seed,
     write_dataset,
 )
+from sitefit.phantoms.subject import field_of_view
 
 FOV = 32.0  # small and fast; the subject scales with the field of view
 
@@ -198,6 +199,37 @@ def test_folder_of_another_dataset_is_refused(tmp_path: Path) -> None:
     write_dataset("tissue", "a3t", 1, 0, tmp_path, fov_mm=FOV)
     with pytest.raises(InvalidInputError, match="another dataset"):
         write_dataset("brain", "a3t", 1, 0, tmp_path, fov_mm=FOV)
+
+
+def test_an_interrupted_rewrite_leaves_no_manifest_over_a_mix(tmp_path: Path) -> None:
+    """Rewriting a folder with another field of view stops half-way (here: a case's file
+    name is taken by a folder): no dataset.json may then describe the mix of old and new
+    cases as one dataset (sitefit train refuses a folder without one)."""
+    write_dataset("brain", "a3t", 2, 0, tmp_path, fov_mm=FOV)
+    blocked = tmp_path / "labelsTr" / f"{case_name('brain', 'a3t', 0, 1)}.nii.gz"
+    blocked.unlink()
+    blocked.mkdir()
+    with pytest.raises(OSError):
+        write_dataset("brain", "a3t", 2, 0, tmp_path, fov_mm=FOV + 8)
+    assert not (tmp_path / "dataset.json").exists()
+    blocked.rmdir()
+    write_dataset("brain", "a3t", 2, 0, tmp_path, fov_mm=FOV + 8)
+    meta = json.loads((tmp_path / "dataset.json").read_text())
+    assert meta["sitefit"]["fov_mm"] == list(field_of_view("brain", FOV + 8))
+
+
+def test_an_interrupted_rerun_with_the_same_arguments_keeps_the_manifest(
+    tmp_path: Path,
+) -> None:
+    """The same arguments rewrite identical cases: the manifest stays true throughout."""
+    write_dataset("brain", "a3t", 2, 0, tmp_path, fov_mm=FOV)
+    manifest = (tmp_path / "dataset.json").read_bytes()
+    blocked = tmp_path / "labelsTr" / f"{case_name('brain', 'a3t', 0, 1)}.nii.gz"
+    blocked.unlink()
+    blocked.mkdir()
+    with pytest.raises(OSError):
+        write_dataset("brain", "a3t", 2, 0, tmp_path, fov_mm=FOV)
+    assert (tmp_path / "dataset.json").read_bytes() == manifest
 
 
 def test_crash_leaves_no_half_written_files(
