@@ -60,14 +60,22 @@ class SitefitWorker(SimpleWorker):
         return 3 * self.heartbeat_s
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
-        """RQ's heartbeat, which first registers the worker again when Redis has no record of
-        it: Redis restarted empty (it keeps nothing on disk) or the worker's key expired while
-        it was cut off. RQ reconnects by itself but registers only at start, so the worker
-        kept taking jobs while invisible to ``rq info``, dashboards and readiness checks.
-        RQ heartbeats at every turn of its dequeue loop, also after each reconnect."""
-        if pipeline is None and not self.connection.exists(self.key):
+        """RQ's heartbeat, which first registers the worker again when Redis lost it.
+
+        Redis keeps nothing on disk: after a restart the worker is in none of RQ's worker
+        sets. RQ reconnects by itself but registers only at start, so the worker went on
+        taking jobs while invisible to ``rq info``, dashboards and readiness checks. RQ
+        heartbeats at every turn of its dequeue loop, also after each reconnect. The worker's
+        hash may exist again without being registered (RQ's bookkeeping at the end of a job,
+        and the heartbeat thread during one, write single fields of it), so membership of the
+        set of workers is what is checked, and that partial hash is replaced.
+        """
+        if pipeline is None and not self.connection.sismember(self.redis_workers_keys, self.key):
             log.warning("Redis has no record of this worker (restarted?): registering again")
+            state = self.get_state()
+            self.connection.delete(self.key)  # else register_birth sees "an active worker"
             self.register_birth()
+            self.set_state(state)
         super().heartbeat(timeout, pipeline)
 
     def execute_job(self, job: Job, queue: Queue) -> None:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import redis
 
 from tests.conftest import PhantomCase
 from tests.server.helpers import client, service_settings, upload, wait_for_status
@@ -97,6 +102,40 @@ def test_a_worker_registers_again_with_a_redis_that_restarted_empty(
         worker.wait_registered(timeout=30)
         assert worker.process is not None and worker.process.poll() is None
         assert "registering again" in worker.log.read_text()
+    finally:
+        worker.stop()
+        private.stop()
+
+
+def test_a_worker_registers_again_when_redis_restarted_during_its_job(
+    service_home: Path, brain_model: str, tmp_path: Path
+) -> None:
+    """Here the job outlives the restart: RQ's bookkeeping at its end (and the heartbeat
+    thread during it) write fields of the worker's hash into the new Redis, so the hash
+    exists again while the worker is in none of RQ's worker sets."""
+    scan = tmp_path / "slow.nii.gz"  # a job of seconds on the tiny model
+    data = np.random.default_rng(0).random((128, 128, 96)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), scan)
+    private = RedisProcess(tmp_path)
+    private.start()
+    env = service_env(service_home, private.url, "restart-mid-job")
+    worker = WorkerProcess(env, tmp_path / "w.log")
+    settings = service_settings(service_home, redis_url=private.url, queue_name="restart-mid-job")
+    try:
+        worker.start()
+        with client(settings) as api:
+            job = upload(api, scan, brain_model, mode="adapt").json()["id"]
+            wait_for_status(api, job, ("running",), timeout=60)
+            private.stop()
+            private.start()
+            ended = re.compile(rf"job {job}: \w+ after")
+            assert not ended.search(worker.log.read_text()), "premise: the job outlived it"
+            worker.wait_registered(timeout=60)
+        assert ended.search(worker.log.read_text())
+        assert "registering again" in worker.log.read_text()
+        connection = redis.Redis.from_url(private.url)
+        key = next(iter(connection.smembers(f"rq:workers:{env['SITEFIT_QUEUE_NAME']}")))
+        assert connection.hget(key, "state") == b"idle"  # what `rq info` shows
     finally:
         worker.stop()
         private.stop()
