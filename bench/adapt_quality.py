@@ -181,7 +181,11 @@ def evaluate(engine: Engine, spec: ModelSpec, net: torch.nn.Module, case: Case) 
 
 
 def refine_on_many(engine: Engine, spec: ModelSpec, test: list[Case]) -> torch.nn.Module:
-    """Table 1's setting: one refinement on the slices of all of a domain's test scans."""
+    """Table 1's setting: one refinement on the slices of all of a domain's test scans.
+
+    The scans differ in size, so their slices are padded to one size and, unlike the
+    engine's one-scan refinement, its stopping rule counts that padding too.
+    """
     prepared: list[PreparedScan] = [
         prepare_scan(load_scan(c.image, engine.settings.max_voxels), spec.slice_axis, engine.device)
         for c in test

@@ -280,7 +280,8 @@ def run_method(
 ) -> MethodRun:
     """Adapt ``net`` to ``slices`` and segment them with ``method``: reference or sitefit.
 
-    Masks are of ``region`` (``PreparedScan.region``) when given, as the engine's are.
+    Masks are of ``region`` (``PreparedScan.region``) when given, as the engine's are; the
+    reference loop, as the authors wrote it, still stops on the padded slices' figure.
     """
     device = slices.device
     rows, columns = region or (slice(None), slice(None))

@@ -21,7 +21,7 @@ import nibabel
 import numpy as np
 import numpy.typing as npt
 
-from sitefit.durable import write_atomic
+from sitefit.durable import fsync_dir, write_atomic
 from sitefit.exceptions import InvalidInputError
 from sitefit.phantoms.domains import get_domain
 from sitefit.phantoms.subject import (
@@ -126,7 +126,8 @@ def write_dataset(
         # the cases are about to change (another field of view, say): until they all have,
         # no manifest may describe the folder, or an interrupted run would leave a mix that
         # looks complete
-        manifest.unlink()
+        manifest.unlink(missing_ok=True)
+        fsync_dir(out)  # the removal, too, must outlive a power cut
     images, labels = out / "imagesTr", out / "labelsTr"
     images.mkdir(parents=True, exist_ok=True)
     labels.mkdir(parents=True, exist_ok=True)
