@@ -350,6 +350,10 @@ class Engine:
         after = result.predictions[kept - 1]
         outcome = _Outcome("adapt", reason, after, result, verdict, site_used=used)
         if request.site is not None:
+            # saving is the job's one side effect outside its own results: the progress
+            # callback is where a job notices it was canceled (or ran out of time), so it is
+            # asked once more, and a canceled job leaves no site version behind
+            notify(Progress("adapting", len(trace), tuple(trace)))
             refined = Refined(net, after, start_state, result.states[-1], start_consistency, kept,
                               passes_guard)  # fmt: skip
             save = save_next_version(self.store.sites, self.settings, spec,

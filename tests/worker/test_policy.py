@@ -1,5 +1,6 @@
 """Site policy (auto|adapt|cached|none) and the guard, through the real engine and store."""
 
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -173,6 +174,32 @@ def test_adapt_saves_a_sites_first_version_when_the_guard_kept_the_refinement(
         assert report.site_weights.self_consistency_saved == pytest.approx(
             history[0].self_consistency_after, abs=1e-6
         )
+
+
+class _Canceled(Exception):
+    """What a job's progress callback raises once the job was canceled."""
+
+
+def test_a_job_canceled_after_its_last_epoch_saves_no_site_version(
+    engine: Engine, consistent_brain_model: str, near_source_brain_case: PhantomCase
+) -> None:
+    """The cancel lands after the refinement's last epoch was reported: the progress
+    callback is asked again before the site is saved, and nothing is saved."""
+    request = SegmentRequest(near_source_brain_case.image, consistent_brain_model, "whole",
+                             "adapt")  # fmt: skip
+    assert engine.run(request).report.site_weights.saved_version == 1, "premise: it saves"
+    seen: list[Progress] = []
+
+    def progress(update: Progress) -> None:
+        seen.append(update)
+        if any(p.stage == "adapting" and p.epoch for p in seen[:-1]):
+            raise _Canceled  # canceled right after the first epoch was reported
+
+    with pytest.raises(_Canceled):
+        engine.run(replace(request, site="canceled"), progress)
+    assert engine.store.sites.history("canceled", consistent_brain_model) == []
+    epoch, asked = seen[-2], seen[-1]
+    assert epoch.stage == asked.stage == "adapting" and asked.epoch == epoch.epoch, seen
 
 
 def test_corrupt_site_delta_falls_back_to_base_with_a_warning(
