@@ -64,9 +64,9 @@ def test_adapt_returns_mask_on_input_grid_and_full_report(
     assert points[refinement["best_epoch"] - 1] in defaults.REFINE_STATISTICS_PATH
     assert report["per_class"] is None  # binary model
     assert [p.stage for p in stages][:2] == ["loading", "segmenting"]
-    assert [p.epoch for p in stages if p.stage == "adapting" and p.epoch] == list(
-        range(1, refinement["epochs"] + 1)
-    )
+    epochs = [p.epoch for p in stages if p.stage == "adapting" and p.epoch]
+    assert epochs == sorted(epochs)  # the last may be reported again, just before a site save
+    assert sorted(set(epochs)) == list(range(1, refinement["epochs"] + 1))
 
 
 def test_none_mode_skips_refinement(
