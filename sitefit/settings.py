@@ -90,7 +90,7 @@ class Settings(BaseSettings):
         default=defaults.SITE_STATISTICS,
         description="with refine_lr 0: 'pooled': a site version's batch-norm statistics are "
         "the mean over every scan the site was refined on (each scan weighs the same); "
-        "'latest': those of the scan it was last refined on",
+        "'latest': those of the scan it was last refined on (with the base model's as the prior)",
     )
     site_statistics_prior: float = Field(
         default=defaults.SITE_STATISTICS_PRIOR,
