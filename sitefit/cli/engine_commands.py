@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -137,7 +138,7 @@ def run_segment(args: argparse.Namespace) -> int:
     settings = load_settings(device=args.device)
     engine = Engine(settings)
     request = SegmentRequest(args.scan, args.model, args.site, args.mode, args.reference)
-    result = engine.run(request, progress=None if args.quiet else _print_progress)
+    result = engine.run(request, progress=None if args.quiet else _progress_printer())
     from sitefit.volume import save_image_atomic
 
     try:
@@ -186,7 +187,7 @@ def run_demo(args: argparse.Namespace) -> int:
     label = next((target / "labelsTr").iterdir())
     _log(f"segmenting {scan.name} (domain {DEMO_TARGET_DOMAIN}) with one-shot refinement")
     result = Engine(settings).run(
-        SegmentRequest(scan, DEMO_MODEL, DEMO_TARGET_DOMAIN, "adapt", label), _print_progress
+        SegmentRequest(scan, DEMO_MODEL, DEMO_TARGET_DOMAIN, "adapt", label), _progress_printer()
     )
     from sitefit.volume import save_image_atomic
 
@@ -254,13 +255,21 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _print_progress(progress: Progress) -> None:
-    if progress.stage == "adapting" and progress.epoch:
-        _log(
-            f"  refinement step {progress.epoch}: Dice(early, final) {progress.dice_trace[-1]:.4f}"
-        )
-    elif progress.stage not in ("loading", "done"):
-        _log(f"  {progress.stage}")
+def _progress_printer() -> Callable[[Progress], None]:
+    """One line per stage and refinement step (the engine reports the last step once more
+    before it saves a site version: printed once)."""
+    printed: set[int] = set()
+
+    def print_progress(progress: Progress) -> None:
+        if progress.stage == "adapting" and progress.epoch:
+            if progress.epoch not in printed:
+                printed.add(progress.epoch)
+                trace = progress.dice_trace[-1]
+                _log(f"  refinement step {progress.epoch}: Dice(early, final) {trace:.4f}")
+        elif progress.stage not in ("loading", "done"):
+            _log(f"  {progress.stage}")
+
+    return print_progress
 
 
 def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:

@@ -183,17 +183,20 @@ class _Canceled(Exception):
 def test_a_job_canceled_after_its_last_epoch_saves_no_site_version(
     engine: Engine, consistent_brain_model: str, near_source_brain_case: PhantomCase
 ) -> None:
-    """The cancel lands after the refinement's last epoch was reported: the progress
+    """The cancel lands after the refinement's last epoch was reported (the same refinement
+    as in an uncanceled run, which saves a version): the progress
     callback is asked again before the site is saved, and nothing is saved."""
     request = SegmentRequest(near_source_brain_case.image, consistent_brain_model, "whole",
                              "adapt")  # fmt: skip
-    assert engine.run(request).report.site_weights.saved_version == 1, "premise: it saves"
+    report = engine.run(request).report
+    assert report.site_weights.saved_version == 1, "premise: it saves"
+    last = report.refinement.epochs
     seen: list[Progress] = []
 
     def progress(update: Progress) -> None:
         seen.append(update)
-        if any(p.stage == "adapting" and p.epoch for p in seen[:-1]):
-            raise _Canceled  # canceled right after the first epoch was reported
+        if any(p.stage == "adapting" and p.epoch == last for p in seen[:-1]):
+            raise _Canceled  # canceled right after the last epoch was reported
 
     with pytest.raises(_Canceled):
         engine.run(replace(request, site="canceled"), progress)

@@ -17,6 +17,7 @@ from sitefit.cli.engine_commands import DEMO_MODEL, DEMO_TARGET_DOMAIN
 from sitefit.report import Report
 from sitefit.settings import Settings
 from tests.conftest import PhantomCase
+from tests.server.helpers import make_home
 
 
 @pytest.fixture
@@ -92,6 +93,29 @@ def test_segment_writes_mask_and_report(
     assert 1 <= refinement["epochs"] <= len(defaults.REFINE_STATISTICS_PATH)
     printed = capsys.readouterr().out
     assert "self-consistency" in printed and "reference" in printed
+
+
+def test_segment_prints_each_refinement_step_once(
+    monkeypatch: pytest.MonkeyPatch,
+    settings: Settings,
+    consistent_brain_model: str,
+    near_source_brain_case: PhantomCase,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The engine reports the last step once more before it saves the site's version; the
+    CLI prints it once."""
+    monkeypatch.setenv("SITEFIT_HOME", str(make_home(tmp_path, settings.models_dir)))
+    report = tmp_path / "report.json"
+    mask = tmp_path / "mask.nii.gz"
+    code = main(["segment", str(near_source_brain_case.image), "--model",
+                 consistent_brain_model, "--site", "cli", "--mode", "adapt", "--out", str(mask),
+                 "--report", str(report), "--device", "cpu"])  # fmt: skip
+    assert code == 0
+    payload = json.loads(report.read_text())
+    assert payload["site_weights"]["saved_version"] == 1, "premise: a version is saved"
+    steps = [line for line in capsys.readouterr().err.splitlines() if "refinement step" in line]
+    assert len(steps) == payload["refinement"]["epochs"] == len(set(steps)), steps
 
 
 def _bad_inputs(tmp_path: Path, case: PhantomCase) -> dict[str, tuple[Path, str]]:
