@@ -255,6 +255,7 @@ def refine_scan(
         "start_early_volumes": volumes(base.early, classes),
         "base": true_figures(spec, prepared.volume(base.final), reference, spacing),
         "trace": result.dice_trace,
+        "path_points": result.path_points,  # with the statistics path: each epoch's point
         "stopped": result.stopped,
         "seconds": round(seconds, 2),
         "refine": {"rule": rule, "lr": config.learning_rate, "batchnorm": config.batchnorm},
@@ -944,9 +945,12 @@ def verify(args: argparse.Namespace) -> None:
     epoch and the resulting surface Dice with the offline replay of the same scan's record."""
     torch.set_num_threads(1)
     product = product_config(args)
-    held_out = load_records(args, HELD_OUT_SEED, numerics("auto"))  # the engine's numerics
+    # the engine's numerics, and the records of this learning rate
+    suffix = args.folder.removeprefix(args.numerics)
+    held_out = load_records(args, HELD_OUT_SEED, numerics("auto") + suffix)
     lines = [
-        "| case | offline: kept epoch | engine: best_epoch | engine verdict | offline sDice | "
+        "| case | offline: kept epoch (point) | engine: best_epoch (point) | engine verdict | "
+        "offline sDice | "
         "engine sDice | same |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -954,7 +958,7 @@ def verify(args: argparse.Namespace) -> None:
     for task in args.tasks:
         root, spec = model_for(task, args)
         store = ModelStore(models=root, sites=args.work / "verify-sites")
-        engine = Engine(Settings(home=args.work / "home", device="cpu"), store)
+        engine = Engine(Settings(home=args.work / "home", device="cpu", refine_lr=args.lr), store)
         replays = [replay(r, product) for r in held_out if r["task"] == task]
         # Prefer scans where the guard does something (revert, earlier epoch), then others.
         replays.sort(key=lambda r: (decision(r) == "kept (last epoch)", r.record["case"]))
@@ -969,11 +973,18 @@ def verify(args: argparse.Namespace) -> None:
             result = report.report
             assert result.guard is not None and result.reference is not None
             sdice = result.reference.after.surface_dice or 0.0
-            same = result.refinement.best_epoch == r.kept and abs(sdice - r.guarded) < 1e-4
+            # with the statistics path the engine evaluates its points from the last one back
+            # and stops at the first the guard accepts, so epochs are compared as points
+            points = rec.get("path_points") or (
+                list(defaults.REFINE_STATISTICS_PATH) if args.lr == 0 else []
+            )
+            offline = kept_point(r.kept, points)
+            online = kept_point(result.refinement.best_epoch, result.refinement.path_points)
+            same = offline == online and abs(sdice - r.guarded) < 1e-4
             agree += same
             lines.append(
-                f"| {rec['case']} | {r.kept if r.kept is not None else 'reverted'} | "
-                f"{result.refinement.best_epoch} | {result.guard.verdict} | {r.guarded:.4f} | "
+                f"| {rec['case']} | {offline if offline is not None else 'reverted'} | "
+                f"{online} | {result.guard.verdict} | {r.guarded:.4f} | "
                 f"{sdice:.4f} | {'yes' if same else 'NO'} |"
             )
             print(lines[-1], flush=True)
@@ -986,6 +997,13 @@ def verify(args: argparse.Namespace) -> None:
     print(text)
     saved = {"config": dataclasses.asdict(product), "markdown": text}
     (args.work / "verify.json").write_text(json.dumps(saved, indent=1))
+
+
+def kept_point(epoch: int | None, points: Sequence[float]) -> float | int | None:
+    """The kept epoch as the statistics path's point when there is one, else the epoch."""
+    if epoch is None or not points:
+        return epoch
+    return points[epoch - 1]
 
 
 # --- step rule and epoch choice -----------------------------------------------------------------
