@@ -528,6 +528,9 @@ def markdown(
     return "\n".join(out)
 
 
+MIN_GAIN = 0.005  # a share of a smaller one-shot gain is noise
+
+
 def table3_share(result: DomainResult) -> str:
     """The paper's Table 3 against its Table 2 on the same unseen scans: the share of each
     scan's own one-shot gain that the model refined once on the test scans keeps there."""
@@ -535,7 +538,7 @@ def table3_share(result: DomainResult) -> str:
         return "–"
     base = statistics.mean(result.unseen_base)
     one_shot = statistics.mean(result.unseen_one_shot) - base
-    if one_shot <= 0:
+    if one_shot < MIN_GAIN:
         return "n/a"
     return f"{(statistics.mean(result.unseen_fixed) - base) / one_shot:.0%}"
 
