@@ -31,11 +31,7 @@ class PreparedScan:
         """Predicted label slices of :attr:`region` (N, h, w) back to a canonical label
         volume (uint8)."""
         rows, columns = self.region
-        expected = (
-            self.slices.shape[0],
-            len(range(*rows.indices(self.slices.shape[2]))),
-            len(range(*columns.indices(self.slices.shape[3]))),
-        )
+        expected = tuple(self.slices[:, 0, rows, columns].shape)  # a view: nothing copied
         if tuple(labels.shape) != expected:
             raise ValueError(
                 f"labels of shape {tuple(labels.shape)} are not this scan's region {expected}: "
