@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.report_file import replace_section  # noqa: E402
 from model_store import ModelStore  # noqa: E402
+from model_store.backend import FilesystemBackend  # noqa: E402
 from model_store.base_models import BaseModelRegistry  # noqa: E402
 from model_store.spec import ModelSpec  # noqa: E402
 from sitefit import defaults  # noqa: E402
@@ -271,10 +272,18 @@ def numerics(precision: str) -> str:
 
 
 def record_path(
-    args: argparse.Namespace, task: str, domain: str, seed: int, index: int, kind: str = ""
+    args: argparse.Namespace,
+    task: str,
+    domain: str,
+    seed: int,
+    index: int,
+    kind: str = "",
+    folder: str | None = None,
 ) -> Path:
-    """Where a record goes: one folder per numerics (``records/bf16``, ``records/fp32``)."""
-    return args.work / "records" / args.folder / f"{task}-{domain}-{seed}-{kind}{index:02d}.json"
+    """Where a record goes: one folder per numerics and learning rate (``records/fp32``,
+    ``records/fp32-lr0``; ``folder``, default ``args.folder``)."""
+    name = f"{task}-{domain}-{seed}-{kind}{index:02d}.json"
+    return args.work / "records" / (folder or args.folder) / name
 
 
 def collect(args: argparse.Namespace) -> None:
@@ -291,7 +300,7 @@ def collect(args: argparse.Namespace) -> None:
                 for index, image in enumerate(case_paths(task, domain, seed, n, args)):
                     path = record_path(args, task, domain, seed, index)
                     model = spec.ref
-                    if path.exists() and current(json.loads(path.read_text()), model):
+                    if path.exists() and current(json.loads(path.read_text()), model, args.lr):
                         continue
                     record = refine_scan(spec, tensors, image, config)
                     record.update(
@@ -354,12 +363,17 @@ def load_records(args: argparse.Namespace, seed: int, kind: str) -> list[dict[st
             models[task] = f"{found[1].name}@{found[1].version}"
     folder = args.work / "records" / kind
     records = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
-    return [r for r in records if r["seed"] == seed and current(r, models.get(r["task"]))]
+    return [r for r in records if r["seed"] == seed and current(r, models.get(r["task"]), args.lr)]
 
 
-def current(record: dict[str, Any], model: str | None) -> bool:
-    """Whether ``record`` was made with ``model`` and in this code's ``RECORD_FORMAT``."""
-    return record.get("format") == RECORD_FORMAT and record["model"] == model
+def current(record: dict[str, Any], model: str | None, lr: float) -> bool:
+    """Whether ``record`` was made with ``model``, learning rate ``lr`` and in this code's
+    ``RECORD_FORMAT``."""
+    return (
+        record.get("format") == RECORD_FORMAT
+        and record["model"] == model
+        and record["refine"]["lr"] == lr
+    )
 
 
 def head_epochs(args: argparse.Namespace) -> str:
@@ -809,7 +823,7 @@ def other_numerics_section(
 
 
 def calibrate(args: argparse.Namespace) -> None:
-    suffix = args.folder.removeprefix(args.numerics)  # "" or "-lrLR"
+    suffix = lr_suffix(args)
     calibration = load_records(args, CALIBRATION_SEED, args.calibrate_on + suffix)
     product_numerics = numerics("auto")
     held_out = load_records(args, HELD_OUT_SEED, product_numerics + suffix)
@@ -892,7 +906,7 @@ def calibrate(args: argparse.Namespace) -> None:
         *saved_section(
             args,
             product,
-            "verify.json",
+            f"verify{lr_suffix(args)}.json",
             "#### The product path: `Engine` vs replay",
             "Held-out scans run through `Engine.run` (mode adapt, guard on, defaults); "
             "`python bench/guard_calibration.py verify`.",
@@ -900,7 +914,7 @@ def calibrate(args: argparse.Namespace) -> None:
         *saved_section(
             args,
             product,
-            "steps.json",
+            f"steps{lr_suffix(args)}.json",
             "#### Step rule (held-out scans)",
             "Same loop with the optimiser swapped (`steps`; SGD with momentum 0.9); "
             "guard = product defaults; oracle = best epoch by true sDice. "
@@ -946,8 +960,7 @@ def verify(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     product = product_config(args)
     # the engine's numerics, and the records of this learning rate
-    suffix = args.folder.removeprefix(args.numerics)
-    held_out = load_records(args, HELD_OUT_SEED, numerics("auto") + suffix)
+    held_out = load_records(args, HELD_OUT_SEED, numerics("auto") + lr_suffix(args))
     lines = [
         "| case | offline: kept epoch (point) | engine: best_epoch (point) | engine verdict | "
         "offline sDice | "
@@ -957,7 +970,9 @@ def verify(args: argparse.Namespace) -> None:
     agree = 0
     for task in args.tasks:
         root, spec = model_for(task, args)
-        store = ModelStore(models=root, sites=args.work / "verify-sites")
+        store = ModelStore(
+            models=FilesystemBackend(root), sites=FilesystemBackend(args.work / "verify-sites")
+        )
         engine = Engine(Settings(home=args.work / "home", device="cpu", refine_lr=args.lr), store)
         replays = [replay(r, product) for r in held_out if r["task"] == task]
         # Prefer scans where the guard does something (revert, earlier epoch), then others.
@@ -975,11 +990,13 @@ def verify(args: argparse.Namespace) -> None:
             sdice = result.reference.after.surface_dice or 0.0
             # with the statistics path the engine evaluates its points from the last one back
             # and stops at the first the guard accepts, so epochs are compared as points
-            points = rec.get("path_points") or (
+            # (records of the first collect of this format do not keep their points: theirs
+            # are the whole default path, every point evaluated in order)
+            points: list[float] = rec.get("path_points") or (
                 list(defaults.REFINE_STATISTICS_PATH) if args.lr == 0 else []
             )
             offline = kept_point(r.kept, points)
-            online = kept_point(result.refinement.best_epoch, result.refinement.path_points)
+            online = kept_point(result.refinement.best_epoch, result.refinement.path_points or [])
             same = offline == online and abs(sdice - r.guarded) < 1e-4
             agree += same
             lines.append(
@@ -996,7 +1013,12 @@ def verify(args: argparse.Namespace) -> None:
     text = "\n".join(lines)
     print(text)
     saved = {"config": dataclasses.asdict(product), "markdown": text}
-    (args.work / "verify.json").write_text(json.dumps(saved, indent=1))
+    (args.work / f"verify{lr_suffix(args)}.json").write_text(json.dumps(saved, indent=1))
+
+
+def lr_suffix(args: argparse.Namespace) -> str:
+    """ "" for the paper's learning rate, else "-lrLR": the records' folder and saved tables."""
+    return args.folder.removeprefix(args.numerics)
 
 
 def kept_point(epoch: int | None, points: Sequence[float]) -> float | int | None:
@@ -1034,13 +1056,14 @@ def steps(args: argparse.Namespace) -> None:
                 for index, image in enumerate(images[: args.n_steps]):
                     default = rule == "adam" and lr == defaults.PAPER_REFINE_LR
                     name = f"{task}-{domain}-{rule}-{lr:g}-{index:02d}.json"
-                    path = (
-                        record_path(args, task, domain, HELD_OUT_SEED, index)
+                    path = (  # the paper's records are collect's (its folder, not --lr's)
+                        record_path(args, task, domain, HELD_OUT_SEED, index,
+                                    folder=args.numerics)
                         if default
                         else args.work / "records-steps" / args.numerics / name
-                    )
+                    )  # fmt: skip
                     model = spec.ref
-                    if not path.exists() or not current(json.loads(path.read_text()), model):
+                    if not path.exists() or not current(json.loads(path.read_text()), model, lr):
                         config = RefineConfig(learning_rate=lr, precision=args.precision)
                         record = refine_scan(spec, tensors, image, config, rule)
                         record.update(task=task, domain=domain, role=DOMAINS[domain].role,
@@ -1061,7 +1084,7 @@ def steps(args: argparse.Namespace) -> None:
     text = "\n".join(table)
     print(text)
     saved = {"config": dataclasses.asdict(product), "markdown": text}
-    (args.work / "steps.json").write_text(json.dumps(saved, indent=1))
+    (args.work / f"steps{lr_suffix(args)}.json").write_text(json.dumps(saved, indent=1))
 
 
 # --- command line -----------------------------------------------------------------------------
