@@ -12,7 +12,7 @@ import redis
 
 from tests.conftest import PhantomCase
 from tests.server.helpers import client, service_settings, upload, wait_for_status
-from tests.server.processes import RedisProcess, WorkerProcess, service_env
+from tests.server.processes import RedisProcess, WorkerProcess, service_env, wait_for
 
 
 def test_api_survives_a_redis_outage_and_recovers(
@@ -135,7 +135,8 @@ def test_a_worker_registers_again_when_redis_restarted_during_its_job(
         assert "registering again" in worker.log.read_text()
         connection = redis.Redis.from_url(private.url)
         key = next(iter(connection.smembers(f"rq:workers:{env['SITEFIT_QUEUE_NAME']}")))
-        assert connection.hget(key, "state") == b"idle"  # what `rq info` shows
+        # what `rq info` shows; written just after the registration, in its own command
+        wait_for(lambda: connection.hget(key, "state") == b"idle", 10, "the state", interval=0.1)
     finally:
         worker.stop()
         private.stop()
