@@ -8,8 +8,10 @@ Export format (``export``/``import_``): one POSIX tar file (written uncompressed
 one imports too) holding exactly two regular files at its top level: ``spec.json`` (the
 ModelSpec, with the weights' sha256) and ``weights.safetensors`` (byte for byte as stored).
 Import reads the two members into memory (nothing is extracted to disk, so member names
-cannot escape), verifies the checksum and registers the model as the next version of its
-name; a directory holding the same two files is accepted too.
+cannot escape), verifies the checksum, parses the weights (and, given a ``check``, tries them
+on the spec's architecture) and only then registers the model as the next version of its
+name, which ``latest`` resolves to at once; a directory holding the same two files is
+accepted too.
 """
 
 from __future__ import annotations
@@ -18,13 +20,20 @@ import io
 import lzma
 import tarfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from model_store.backend import FilesystemBackend, StorageBackend
-from model_store.base_models import SPEC_FILE, WEIGHTS_FILE, BaseModelRegistry
+from model_store.base_models import (
+    SPEC_FILE,
+    WEIGHTS_FILE,
+    BaseModelRegistry,
+    Tensors,
+    parse_weights,
+)
 from model_store.files import sha256_bytes, write_bytes_atomic
 from model_store.sites import SiteStore, SiteVersion
 from model_store.spec import ModelSpec
@@ -36,6 +45,8 @@ if TYPE_CHECKING:
 __all__ = ["ModelStore", "SiteStore", "SiteVersion", "StorageBackend"]
 
 MAX_IMPORT_BYTES = 4 * 1024**3
+WeightsCheck = Callable[[ModelSpec, Tensors], None]
+"""Raises :class:`InvalidInputError` when the tensors do not make the spec's network."""
 
 
 class ModelStore:
@@ -85,8 +96,12 @@ class ModelStore:
             raise InvalidInputError(f"{path}: cannot write ({error.strerror})") from None
         return spec
 
-    def import_(self, path: Path) -> ModelSpec:
-        """Register the model in an export (tar file or directory) as a new version."""
+    def import_(self, path: Path, *, check: WeightsCheck | None = None) -> ModelSpec:
+        """Register the model in an export (tar file or directory) as a new version.
+
+        The store does not build networks (the server imports it without torch): pass the
+        worker's ``check`` to refuse weights that do not fit the spec's architecture before
+        they become ``latest``."""
         spec_bytes, payload = _read_export(Path(path))
         try:
             spec = ModelSpec.model_validate_json(spec_bytes)
@@ -96,6 +111,12 @@ class ModelStore:
             ) from None
         if sha256_bytes(payload) != spec.sha256:
             raise ModelStoreError(f"{path}: weights fail the checksum in {SPEC_FILE} (corrupt)")
+        try:
+            tensors = parse_weights(payload)
+        except ValueError as error:
+            raise InvalidInputError(f"{path}: {WEIGHTS_FILE} is {error}") from None
+        if check is not None:
+            check(spec, tensors)
         return self.models.register_payload(spec, payload)
 
 

@@ -36,9 +36,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from model_store.files import staging_dir, write_bytes_atomic
+from model_store.files import sha256_bytes, staging_dir, write_bytes_atomic
 from sitefit.durable import fsync_dir
 from sitefit.exceptions import ModelStoreError
+
+CHECKSUM_SUFFIX = ".sha256"
 
 SWEEP_DEPTH = 3  # SITE/MODEL/.staging-*: the deepest place the stores stage a version
 DEBRIS_PREFIXES = (".staging-", ".deleted-")
@@ -128,7 +130,7 @@ class FilesystemBackend:
                 for name, data in files.items():
                     _write_durable(staged / name, data)
                 fsync_dir(staged)
-                return _publish(staged, target)
+                return _publish(staged, target, files)
         except OSError as error:
             if parent_must_exist and not target.parent.is_dir():
                 return False  # deleted meanwhile (a tombstone took the staging directory)
@@ -215,14 +217,15 @@ def _write_durable(path: Path, data: bytes) -> None:
         os.fsync(handle.fileno())
 
 
-def _publish(staged: Path, target: Path) -> bool:
+def _publish(staged: Path, target: Path, files: Mapping[str, bytes]) -> bool:
     """Rename ``staged`` to ``target``: ``True`` if we did, ``False`` if ``target`` was taken."""
     try:
         os.rename(staged, target)
     except OSError as error:
-        if not staged.exists() and target.exists():
-            # NFS: a retransmitted rename whose first attempt succeeded; the private staging
-            # directory can only have moved by our own rename.
+        if not staged.exists() and _holds(target, files):
+            # NFS: a retransmitted rename whose first attempt succeeded. The staging directory
+            # can also vanish otherwise (a sweep after a long stall, a delete's tombstone)
+            # while another writer publishes the target: only our own bytes there say we won.
             fsync_dir(target.parent)
             return True
         # the server refuses to rename onto an existing non-empty directory: trust its errno
@@ -232,6 +235,35 @@ def _publish(staged: Path, target: Path) -> bool:
         raise
     fsync_dir(target.parent)
     return True
+
+
+def _holds(folder: Path, files: Mapping[str, bytes]) -> bool:
+    """Whether ``folder`` holds exactly ``files``, byte for byte."""
+    try:
+        names = {entry.name for entry in os.scandir(folder)}
+        return names == set(files) and all((folder / n).read_bytes() == files[n] for n in files)
+    except OSError:
+        return False
+
+
+def with_checksum(files: Mapping[str, bytes], name: str) -> dict[str, bytes]:
+    """``files`` plus the sidecar ``NAME.sha256`` holding the sha256 of ``files[name]``: the
+    metadata that carries the other files' checksums is itself verified on every read
+    (:func:`read_checked`)."""
+    return {**files, name + CHECKSUM_SUFFIX: sha256_bytes(files[name]).encode()}
+
+
+def read_checked(backend: StorageBackend, key: str) -> bytes:
+    """``key``'s bytes, verified against its ``.sha256`` sidecar; a mismatch raises
+    :class:`ModelStoreError`. Files published by builds before the sidecars have
+    none and are read as they are."""
+    data = backend.read(key)
+    sidecar = key + CHECKSUM_SUFFIX
+    if backend.exists(sidecar):
+        expected = backend.read(sidecar).decode("ascii", errors="replace").strip()
+        if expected != sha256_bytes(data):
+            raise ModelStoreError(f"{backend.describe(key)}: fails its checksum (corrupt file)")
+    return data
 
 
 def backend_of(location: StorageBackend | Path | str) -> StorageBackend:

@@ -7,6 +7,7 @@ so it can never be applied to another base model. Layout under the store's root
 
     SITE/MODEL/VERSION/delta.safetensors.gz   safetensors (no pickle), gzip'd (mtime 0)
     SITE/MODEL/VERSION/meta.json              SiteVersion, with the delta file's sha256
+    SITE/MODEL/VERSION/meta.json.sha256       meta.json's own sha256, checked on every read
 
 Versions count 1, 2, 3, ... per (site, model). Saving version N publishes the directory
 ``N`` with the backend's ``create_exclusive``: if another worker published it first, the
@@ -16,19 +17,16 @@ is ever overwritten, so there are no torn or mixed files and the history has no 
 
 from __future__ import annotations
 
-import gzip
-import zlib
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError
-from safetensors.numpy import load as load_tensors
-from safetensors.numpy import save as save_tensors
 
 import sitefit
-from model_store.backend import StorageBackend, backend_of
+from model_store.backend import StorageBackend, backend_of, read_checked, with_checksum
 from model_store.base_models import version_numbers
+from model_store.delta import decode_delta, encode_delta
 from model_store.files import sha256_bytes
 from model_store.spec import NAME_PATTERN, ModelSpec, check_name
 from sitefit.exceptions import (
@@ -41,7 +39,6 @@ from sitefit.exceptions import (
 
 DELTA_FILE = "delta.safetensors.gz"
 META_FILE = "meta.json"
-MAX_DELTA_BYTES = 256 * 1024 * 1024  # decompressed; a delta is tens of KB
 APPEND_ATTEMPTS = 50
 Tensors = dict[str, np.ndarray]
 
@@ -69,6 +66,13 @@ class SiteVersion(BaseModel):
     tensors: int = Field(default=0, ge=0, description="number of tensors in the delta")
 
 
+class UnreadableVersion(BaseModel):
+    """A version whose files cannot be read (missing, torn or corrupt): listed, not hidden."""
+
+    version: int
+    reason: str
+
+
 def check_site(site: str) -> str:
     try:
         return check_name("site", site)
@@ -81,36 +85,6 @@ def _check_model(model: str) -> str:
         return check_name("model", model)
     except ValueError as error:
         raise InvalidInputError(str(error)) from None
-
-
-def encode_delta(tensors: Tensors) -> bytes:
-    """Tensors -> the stored delta bytes (deterministic for the same tensors)."""
-    if not tensors:
-        raise InvalidInputError("a site delta needs at least one tensor")
-    arrays: Tensors = {}
-    for key, value in tensors.items():
-        array = np.asarray(value)
-        arrays[key] = array if array.flags["C_CONTIGUOUS"] else array.copy(order="C")
-    try:
-        payload = save_tensors(arrays)
-    except Exception as error:  # safetensors raises its own error types
-        raise InvalidInputError(f"tensors cannot be stored as safetensors ({error})") from None
-    return gzip.compress(payload, compresslevel=6, mtime=0)
-
-
-def decode_delta(data: bytes) -> Tensors:
-    """Stored delta bytes -> tensors; a malformed file raises ``ValueError``."""
-    inflater = zlib.decompressobj(wbits=31)  # gzip container
-    try:
-        payload = inflater.decompress(data, MAX_DELTA_BYTES)
-    except zlib.error as error:
-        raise ValueError(f"not a gzip stream ({error})") from None
-    if inflater.unconsumed_tail or not inflater.eof:
-        raise ValueError("truncated or oversized delta")
-    try:
-        return load_tensors(payload)
-    except Exception as error:  # safetensors raises its own error types
-        raise ValueError(f"not a safetensors file ({type(error).__name__})") from None
 
 
 class SiteStore:
@@ -136,18 +110,37 @@ class SiteStore:
         check_site(site)
         return [m for m in self.backend.children(site) if self._versions(site, m)]
 
-    def history(self, site: str, model: str) -> list[SiteVersion]:
-        """Every version of ``site`` for ``model``, oldest first (``[]`` when none)."""
+    def history(
+        self, site: str, model: str, *, unreadable: list[UnreadableVersion] | None = None
+    ) -> list[SiteVersion]:
+        """Every version of ``site`` for ``model``, oldest first (``[]`` when none).
+
+        A version whose meta.json cannot be read raises :class:`ModelStoreError`; given an
+        ``unreadable`` list, it is appended there instead (and counted), so that one bad
+        file does not hide the good versions from an operator choosing one to roll back to.
+        """
         check_site(site)
         _check_model(model)
-        return [self._meta(site, model, v) for v in self._versions(site, model)]
+        found = []
+        for version in self._versions(site, model):
+            try:
+                found.append(self._meta(site, model, version))
+            except ModelStoreError as error:
+                if unreadable is None:
+                    raise
+                unreadable.append(UnreadableVersion(version=version, reason=str(error)))
+        return found
+
+    def versions(self, site: str, model: str) -> list[int]:
+        """The version numbers of ``site`` for ``model``, from the listing alone."""
+        check_site(site)
+        _check_model(model)
+        return self._versions(site, model)
 
     def latest_number(self, site: str, model: str) -> int | None:
         """The number of ``site``'s latest version for ``model`` (None when none), read from
         the listing alone: known even where that version's files are unreadable."""
-        check_site(site)
-        _check_model(model)
-        versions = self._versions(site, model)
+        versions = self.versions(site, model)
         return versions[-1] if versions else None
 
     def latest(self, site: str, model: str) -> SiteVersion | None:
@@ -306,6 +299,7 @@ class SiteStore:
     def _create(self, meta: SiteVersion, data: bytes) -> SiteVersion:
         """Publish version ``meta.version``: the compare-and-set itself."""
         files = {DELTA_FILE: data, META_FILE: meta.model_dump_json(indent=2).encode()}
+        files = with_checksum(files, META_FILE)
         key = self._key(meta.site, meta.model, meta.version)
         # a version after the first needs the site's history to still be there: a site
         # deleted while a job refined it stays deleted
@@ -348,7 +342,7 @@ class SiteStore:
     def _meta(self, site: str, model: str, version: int) -> SiteVersion:
         where = f"site {site!r} model {model!r} version {version}"
         try:
-            raw = self.backend.read(self._key(site, model, version, META_FILE))
+            raw = read_checked(self.backend, self._key(site, model, version, META_FILE))
         except ModelStoreError as error:
             self.integrity_errors += 1
             raise ModelStoreError(f"{where}: meta.json {error}") from None

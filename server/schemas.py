@@ -11,7 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from model_store.sites import SiteVersion
+from model_store.base_models import UnreadableModel
+from model_store.sites import SiteVersion, UnreadableVersion
 from model_store.spec import ModelSpec
 from sitefit.jobs import JobState, JobStatus
 from sitefit.report import Mode, Report
@@ -119,6 +120,9 @@ class ModelEntry(BaseModel):
 
 class ModelList(BaseModel):
     models: list[ModelEntry]
+    unreadable: list[UnreadableModel] = Field(
+        default_factory=list, description="models whose latest spec cannot be read"
+    )
 
 
 class SiteEntry(BaseModel):
@@ -133,6 +137,10 @@ class SiteList(BaseModel):
 class SiteDetail(BaseModel):
     site: str
     models: dict[str, list[SiteVersion]] = Field(description="every version, oldest first")
+    unreadable: dict[str, list[UnreadableVersion]] = Field(
+        default_factory=dict,
+        description="per model, the versions whose files cannot be read (missing or corrupt)",
+    )
 
 
 class SiteDeleted(BaseModel):

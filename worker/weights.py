@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from model_store.spec import Architecture, ModelSpec
-from sitefit.exceptions import ModelStoreError
+from sitefit.exceptions import InvalidInputError, ModelStoreError
 from worker.nets import NetConfig, SegmentationNet
 
 
@@ -77,6 +77,15 @@ def build_net(
     net = SegmentationNet(net_config(spec.architecture))
     load_numpy(net, tensors)
     return net.to(device).eval()
+
+
+def check_fits(spec: ModelSpec, tensors: dict[str, np.ndarray]) -> None:
+    """Refuse (``InvalidInputError``) weights that do not make the spec's network: the
+    ``check`` of :meth:`model_store.ModelStore.import_`."""
+    try:
+        load_numpy(SegmentationNet(net_config(spec.architecture)), tensors)
+    except ModelStoreError as error:
+        raise InvalidInputError(f"model {spec.name}: {error}") from None
 
 
 def snapshot(net: SegmentationNet) -> dict[str, torch.Tensor]:

@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 
+from model_store.base_models import UnreadableModel
 from server.auth import CallerDep
 from server.errors import responses
 from server.schemas import ModelEntry, ModelList, ModelVersion
 from server.services import Services, ServicesDep
 
+log = logging.getLogger("sitefit.server")
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
 def _list(services: Services) -> ModelList:
-    entries = []
-    for name in services.models.names():
-        versions = services.models.versions(name)
-        latest = services.models.spec(f"{name}@{versions[-1]}")
-        entries.append(ModelEntry(name=name, versions=versions, latest=ModelVersion.of(latest)))
-    return ModelList(models=entries)
+    unreadable: list[UnreadableModel] = []
+    entries = [
+        ModelEntry(name=latest.name, versions=versions, latest=ModelVersion.of(latest))
+        for latest, versions in services.models.catalog(unreadable=unreadable)
+    ]
+    for bad in unreadable:
+        log.warning("model %s@%d: unreadable spec", bad.name, bad.version)
+    return ModelList(models=entries, unreadable=unreadable)
 
 
 @router.get("", response_model=ModelList, responses=responses(), summary="Base models")

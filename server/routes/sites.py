@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path
 
-from model_store.sites import check_site
+from model_store.sites import UnreadableVersion, check_site
 from server.auth import CallerDep
 from server.errors import responses
 from server.schemas import SiteDeleted, SiteDetail, SiteEntry, SiteList
@@ -43,7 +43,14 @@ def get_site(site: SiteName, services: ServicesDep, caller: CallerDep) -> SiteDe
     models = store.models_of(site)
     if not models:
         raise SiteNotFoundError(f"unknown site {site!r} (no adapted weights)")
-    return SiteDetail(site=site, models={model: store.history(site, model) for model in models})
+    detail = SiteDetail(site=site, models={})
+    for model in models:
+        unreadable: list[UnreadableVersion] = []
+        detail.models[model] = store.history(site, model, unreadable=unreadable)
+        if unreadable:
+            detail.unreadable[model] = unreadable
+            log.warning("site %s model %s: %d unreadable version(s)", site, model, len(unreadable))
+    return detail
 
 
 @router.delete(

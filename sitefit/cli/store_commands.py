@@ -20,7 +20,8 @@ from sitefit.exceptions import InvalidInputError, SitefitError, SiteNotFoundErro
 
 if TYPE_CHECKING:
     from model_store import ModelStore
-    from model_store.sites import SiteVersion
+    from model_store.base_models import UnreadableModel
+    from model_store.sites import SiteVersion, UnreadableVersion
     from model_store.spec import ModelSpec
 
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -89,11 +90,10 @@ def _emit(args: argparse.Namespace, payload: Any, lines: list[str]) -> int:
 
 
 def models_list(args: argparse.Namespace) -> int:
-    store = _store(args)
-    rows = []
-    for name in store.models.names():
-        spec = store.models.spec(name)
-        rows.append((spec, store.models.versions(name)))
+    unreadable: list[UnreadableModel] = []
+    rows = _store(args).models.catalog(unreadable=unreadable)
+    for bad in unreadable:
+        print(f"sitefit: warning: {bad.reason}", file=sys.stderr)
     payload = [
         {"name": s.name, "versions": v, "latest": s.model_dump(mode="json")} for s, v in rows
     ]
@@ -107,7 +107,9 @@ def models_show(args: argparse.Namespace) -> int:
 
 
 def models_import(args: argparse.Namespace) -> int:
-    spec = _store(args).import_(args.path)
+    from worker.weights import check_fits  # torch: only this command builds the network
+
+    spec = _store(args).import_(args.path, check=check_fits)
     line = f"imported {spec.ref} (sha256 {spec.sha256[:12]}) from {args.path}"
     return _emit(args, spec.model_dump(mode="json"), [line])
 
@@ -166,7 +168,7 @@ def sites_show(args: argparse.Namespace) -> int:
     latest = [v for v in (store.sites.latest(args.site, m) for m in models) if v is not None]
     lines = [f"site {args.site}"]
     for meta in latest:
-        count = len(store.sites.history(args.site, meta.model))
+        count = len(store.sites.versions(args.site, meta.model))
         lines.append(f"  {meta.model}: {count} version(s), latest:")
         lines.extend(f"    {line}" for line in _version_lines(meta))
     payload = {"site": args.site, "latest": [m.model_dump(mode="json") for m in latest]}
@@ -176,8 +178,13 @@ def sites_show(args: argparse.Namespace) -> int:
 def sites_history(args: argparse.Namespace) -> int:
     store = _store(args)
     models = [args.model] if args.model else store.sites.models_of(args.site)
-    history = [v for m in models for v in store.sites.history(args.site, m)]
+    unreadable: list[UnreadableVersion] = []
+    history = [v for m in models for v in store.sites.history(args.site, m, unreadable=unreadable)]
+    for bad in unreadable:  # one bad file must not hide the versions one may roll back to
+        print(f"sitefit: warning: {bad.reason}", file=sys.stderr)
     if not history:
+        if unreadable:
+            return 1
         what = f" for model {args.model!r}" if args.model else ""
         raise SiteNotFoundError(f"site {args.site!r} has no adapted weights{what}")
     lines = [_history_line(meta) for meta in history]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -66,6 +67,24 @@ def test_retransmitted_rename_that_had_succeeded_counts_as_won(
 
     monkeypatch.setattr(os, "rename", rename_then_fail)
     assert FilesystemBackend(tmp_path).create_exclusive("x/1", {"f": b"data"})
+
+
+def test_a_vanished_staging_folder_and_another_writers_version_count_as_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The staging folder can vanish without our rename (a sweep after a long stall) while
+    another writer publishes the version: only our own bytes there would mean we won."""
+    other = FilesystemBackend(tmp_path)
+
+    def rename_after_a_stall(src: str | Path, dst: str | Path) -> None:
+        shutil.rmtree(src)
+        monkeypatch.undo()  # the other writer's publish renames for real
+        assert other.create_exclusive("x/1", {"f": b"theirs"})
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr(os, "rename", rename_after_a_stall)
+    assert not FilesystemBackend(tmp_path).create_exclusive("x/1", {"f": b"ours"})
+    assert other.read("x/1/f") == b"theirs"
 
 
 def test_children_hide_temporary_names_and_tolerate_missing(tmp_path: Path) -> None:

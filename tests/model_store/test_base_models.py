@@ -114,3 +114,16 @@ def test_a_lagging_listing_cannot_make_registration_spin(
     monkeypatch.setattr(registry.backend, "create_exclusive", counted)
     assert registry.register(make_spec(), make_tensors(2)).version == 3
     assert publishes == ["brain/1", "brain/2", "brain/3"]  # each loss moves past itself
+
+
+def test_a_changed_spec_fails_its_checksum(
+    tmp_path: Path, make_spec: SpecFactory, make_tensors: TensorFactory
+) -> None:
+    registry = BaseModelRegistry(tmp_path)
+    registry.register(make_spec(), make_tensors(0))
+    spec_file = tmp_path / "brain" / "1" / "spec.json"
+    text = spec_file.read_text()
+    assert '"slice_axis": 2' in text
+    spec_file.write_text(text.replace('"slice_axis": 2', '"slice_axis": 1'))
+    with pytest.raises(ModelStoreError, match="fails its checksum"):
+        registry.spec("brain")

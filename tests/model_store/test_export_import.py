@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from model_store import ModelStore
+from model_store.files import sha256_bytes
 from model_store.spec import ModelSpec
 from sitefit.exceptions import InvalidInputError, ModelStoreError
 
@@ -78,6 +79,42 @@ def test_import_verifies_the_checksum(tmp_path: Path, source: ModelStore) -> Non
     with pytest.raises(ModelStoreError, match="checksum"):
         source.import_(bad)
     assert source.models.versions("brain") == [1, 2]
+
+
+def test_import_refuses_weights_that_are_not_safetensors(
+    tmp_path: Path, source: ModelStore
+) -> None:
+    """The checksum only says the bytes arrived whole; registered, they would become
+    ``latest`` and fail every job on the model."""
+    spec = source.models.spec("brain")
+    junk = b"not safetensors at all"
+    export = _tar(
+        tmp_path / "junk-weights.tar",
+        {
+            "spec.json": spec.model_copy(update={"sha256": sha256_bytes(junk)})
+            .model_dump_json()
+            .encode(),
+            "weights.safetensors": junk,
+        },
+    )
+    with pytest.raises(InvalidInputError, match=r"weights\.safetensors is not a safetensors file"):
+        source.import_(export)
+    assert source.models.versions("brain") == [1, 2]
+
+
+def test_import_runs_the_check_before_registering(tmp_path: Path, source: ModelStore) -> None:
+    source.export("brain@1", tmp_path / "brain.tar")
+    seen: list[tuple[str, list[str]]] = []
+
+    def refuse(spec: ModelSpec, tensors: dict[str, np.ndarray]) -> None:
+        seen.append((spec.name, sorted(tensors)))
+        raise InvalidInputError("weights do not fit the architecture")
+
+    with pytest.raises(InvalidInputError, match="do not fit"):
+        source.import_(tmp_path / "brain.tar", check=refuse)
+    assert seen and seen[0][0] == "brain" and seen[0][1]
+    assert source.models.versions("brain") == [1, 2]
+    assert source.import_(tmp_path / "brain.tar", check=lambda spec, tensors: None).version == 3
 
 
 def test_import_refuses_malformed_exports(tmp_path: Path, source: ModelStore) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from model_store import ModelStore
-from model_store.sites import DELTA_FILE, META_FILE, SiteStore
+from model_store.sites import DELTA_FILE, META_FILE, SiteStore, UnreadableVersion
 from model_store.spec import ModelSpec
 from sitefit.exceptions import (
     IncompatibleDeltaError,
@@ -67,7 +67,11 @@ def test_save_load_history(store: ModelStore, base: ModelSpec, make_tensors: Ten
     assert sites.sites() == ["hospital-a"]
     assert sites.models_of("hospital-a") == ["brain"]
     version_dir = store.sites.backend.describe("hospital-a/brain/2")
-    assert sorted(p.name for p in Path(version_dir).iterdir()) == [DELTA_FILE, META_FILE]
+    assert sorted(p.name for p in Path(version_dir).iterdir()) == [
+        DELTA_FILE,
+        META_FILE,
+        f"{META_FILE}.sha256",
+    ]
     assert Path(version_dir, DELTA_FILE).stat().st_size == second.nbytes
 
 
@@ -168,7 +172,11 @@ def test_corrupt_torn_or_missing_delta_is_detected(
     with pytest.raises(ModelStoreError, match="missing"):
         sites.load("s", saved, base)
     assert sites.integrity_errors == 3
-    Path(sites.backend.describe(f"s/brain/1/{META_FILE}")).write_text("{}")
+    meta = Path(sites.backend.describe(f"s/brain/1/{META_FILE}"))
+    meta.write_text("{}")
+    with pytest.raises(ModelStoreError, match=r"meta\.json .*fails its checksum"):
+        sites.latest("s", "brain")
+    Path(f"{meta}.sha256").unlink()  # as a version saved before the sidecar existed
     with pytest.raises(ModelStoreError, match=r"unreadable meta\.json"):
         sites.latest("s", "brain")
 
@@ -321,3 +329,48 @@ def test_published_versions_are_readable_as_plain_files_would_be(
     assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask
     for name in (DELTA_FILE, META_FILE):
         assert stat.S_IMODE((folder / name).stat().st_mode) == 0o666 & ~umask
+
+
+def test_history_lists_unreadable_versions_apart_when_asked(
+    store: ModelStore, base: ModelSpec, make_tensors: TensorFactory
+) -> None:
+    sites = store.sites
+    for seed in (1, 2, 3):
+        sites.append("s", base, make_tensors(seed), **STATS)
+    meta = Path(sites.backend.describe("s/brain/2/meta.json"))
+    meta.write_text(meta.read_text().replace('"version": 2', '"version": 7'))
+    Path(f"{meta}.sha256").unlink()  # a version saved before the sidecar existed
+    with pytest.raises(ModelStoreError, match=r"version 2: meta\.json describes"):
+        sites.history("s", "brain")
+    unreadable: list[UnreadableVersion] = []
+    assert [v.version for v in sites.history("s", "brain", unreadable=unreadable)] == [1, 3]
+    assert [(u.version, "describes s/brain@7" in u.reason) for u in unreadable] == [(2, True)]
+    assert sites.versions("s", "brain") == [1, 2, 3]
+    assert sites.integrity_errors == 2
+
+
+def test_a_flipped_digit_in_meta_json_fails_its_checksum(
+    store: ModelStore, base: ModelSpec, make_tensors: TensorFactory
+) -> None:
+    """Valid JSON still: only the sidecar checksum can tell, and ``auto`` reads this figure."""
+    sites = store.sites
+    sites.append("s", base, make_tensors(1), **STATS)
+    meta = Path(sites.backend.describe(f"s/brain/1/{META_FILE}"))
+    text = meta.read_text()
+    assert '"self_consistency_after": 0.83' in text
+    meta.write_text(
+        text.replace('"self_consistency_after": 0.83', '"self_consistency_after": 0.93')
+    )
+    with pytest.raises(ModelStoreError, match="fails its checksum"):
+        sites.latest("s", "brain")
+    assert sites.integrity_errors == 1
+
+
+def test_versions_saved_without_a_meta_checksum_still_read(
+    store: ModelStore, base: ModelSpec, make_tensors: TensorFactory
+) -> None:
+    """Versions published before the sidecar existed (earlier builds)."""
+    sites = store.sites
+    saved = sites.append("s", base, make_tensors(1), **STATS)
+    Path(sites.backend.describe(f"s/brain/1/{META_FILE}.sha256")).unlink()
+    assert sites.latest("s", "brain") == saved

@@ -13,6 +13,7 @@ import pytest
 from model_store import ModelStore
 from model_store.spec import Architecture, ModelSpec, TrainingInfo, Validation
 from sitefit.cli import main
+from sitefit.settings import Settings
 
 STATS: dict[str, Any] = {
     "scans_refined": 1,
@@ -83,17 +84,29 @@ def test_home_comes_from_the_environment(
 
 
 def test_models_export_import(
+    settings: Settings, brain_model: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    archive, home = tmp_path / "brain.tar", str(settings.home)
+    code, out, _ = run(capsys, "models", "export", brain_model, str(archive), "--home", home)
+    assert code == 0 and archive.is_file() and f"exported {brain_model}@1" in out
+    code, _, err = run(capsys, "models", "export", brain_model, str(archive), "--home", home)
+    assert code == 1 and "exists" in err
+    other = str(tmp_path / "other-home")
+    code, out, _ = run(capsys, "models", "import", str(archive), "--home", other, "--json")
+    assert code == 0 and json.loads(out)["version"] == 1
+
+
+def test_models_import_refuses_weights_that_do_not_make_the_network(
     store_home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """``store_home``'s model holds one made-up tensor: importing it would make ``latest``
+    a model that no job can load."""
     archive = tmp_path / "brain.tar"
-    code, out, _ = run(capsys, "models", "export", "brain", str(archive), "--home", str(store_home))
-    assert code == 0 and archive.is_file() and "exported brain@1" in out
-    code, _, err = run(capsys, "models", "export", "brain", str(archive), "--home", str(store_home))
-    assert code == 1 and "exists" in err
-    code, out, _ = run(
-        capsys, "models", "import", str(archive), "--home", str(store_home), "--json"
-    )
-    assert code == 0 and json.loads(out)["version"] == 2
+    assert run(capsys, "models", "export", "brain", str(archive), "--home", str(store_home))[0] == 0
+    code, out, err = run(capsys, "models", "import", str(archive), "--home", str(store_home))
+    assert code == 1 and out == "" and err.count("\n") == 1
+    assert err.startswith("sitefit: error: model brain: weights do not fit the architecture")
+    assert ModelStore(store_home).models.versions("brain") == [1]
 
 
 def test_unknown_model_is_a_one_line_error(
@@ -131,6 +144,25 @@ def test_sites_commands(store_home: Path, capsys: pytest.CaptureFixture[str]) ->
         capsys, "sites", "history", "site-a", "--model", "brain", "--home", str(store_home)
     )
     assert code == 0 and len(out.splitlines()) == 3 and "rollback of 1" in out
+
+
+def test_an_unreadable_version_is_named_and_hides_no_other(
+    store_home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = ModelStore(store_home)
+    base = store.models.spec("brain")
+    for seed in (1, 2, 3):
+        store.sites.append("site-a", base, tensors(seed), **STATS)
+    (store_home / "sites" / "site-a" / "brain" / "1" / "meta.json").write_text("{")
+    home = ("--home", str(store_home))
+    code, out, err = run(capsys, "sites", "history", "site-a", *home, "--json")
+    assert code == 0 and [v["version"] for v in json.loads(out)] == [2, 3]
+    assert err.startswith("sitefit: warning: site 'site-a' model 'brain' version 1: meta.json")
+    code, out, _ = run(capsys, "sites", "show", "site-a", *home)
+    assert code == 0 and "3 version(s)" in out
+    (store_home / "models" / "brain" / "1" / "spec.json").write_text("{")
+    code, out, err = run(capsys, "models", "list", *home)
+    assert code == 0 and "no base models" in out and "brain@1: unreadable spec" in err
 
 
 def test_sites_delete_needs_confirmation(
