@@ -20,6 +20,9 @@ column spacing (PixelSpacing[1]), the column direction times the row spacing (Pi
 the step between the first and last slice positions divided by ``n - 1``, and the first
 slice's ImagePositionPatient; DICOM's LPS patient space is turned into NIfTI's RAS by negating
 x and y. Intensities are ``stored * RescaleSlope + RescaleIntercept`` as float32.
+
+Nothing here logs or warns header text either: pydicom's reading validation, which quotes
+non-conforming values in its warnings and log records, is switched off (see below).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from pydicom.multival import MultiValue
 
 from sitefit.defaults import MIN_SPATIAL_SIZE
 from sitefit.exceptions import InvalidInputError, SitefitError
-from sitefit.job_store import storage_error
+from sitefit.job_store import JOB_FILE_MODE, storage_error
 from sitefit.volume import save_image_atomic
 from sitefit.volume.header import nib
 
@@ -56,6 +59,14 @@ _SKIPPED_PARTS = {"__MACOSX", ".DS_Store"}
 _UNKNOWN_SOP_CLASS = "unknown SOP class"
 
 _T = TypeVar("_T")
+
+# pydicom validates each header value when it is first read and, by default, warns and logs
+# it quoted ("Invalid value for VR UI: '...'"): a non-conforming UID or number would put
+# header text (PHI) in the log. Reading validation is off for the whole process: pydicom's
+# scoped switch (config.disable_value_validation) swaps this same global setting and puts
+# it back on exit, which races between uploads converted in concurrent threads. A value we
+# cannot use is still refused, without quoting it (_header_value).
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 
 @dataclass(frozen=True, eq=False)
@@ -337,8 +348,9 @@ def _read_series_zip(path: Path, max_voxels: int) -> DicomVolume:
 def series_zip_to_nifti(path: Path, out: Path, max_voxels: int) -> DicomVolume:
     """Convert a DICOM series zip to a NIfTI-1 file at ``out`` (qform/sform: scanner, mm).
 
-    ``out`` is written atomically (complete or absent); a failed write (full disk, missing or
-    read-only directory) raises :class:`~sitefit.job_store.JobStorageError`.
+    ``out`` is written atomically (complete or absent) with mode ``JOB_FILE_MODE`` (it is a
+    job's scan); a failed write (full disk, missing or read-only directory) raises
+    :class:`~sitefit.job_store.JobStorageError`.
     """
     volume = read_series_zip(path, max_voxels)
     image = nib.Nifti1Image(volume.data, volume.affine)
@@ -346,7 +358,7 @@ def series_zip_to_nifti(path: Path, out: Path, max_voxels: int) -> DicomVolume:
     image.set_qform(volume.affine, code=1)
     image.set_sform(volume.affine, code=1)
     try:
-        save_image_atomic(image, out)
+        save_image_atomic(image, out, mode=JOB_FILE_MODE)
     except OSError as error:
         raise storage_error("store the converted DICOM series", error) from None
     return volume

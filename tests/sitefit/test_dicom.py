@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import io
+import logging
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 
 from sitefit.dicom import read_series_zip, series_zip_to_nifti
@@ -153,7 +156,6 @@ def test_refuses_more_voxels_than_allowed(tmp_path: Path) -> None:
         read_series_zip(zipped, max_voxels=100)
 
 
-@pytest.mark.filterwarnings("ignore:Invalid value for VR")
 @pytest.mark.parametrize(
     ("keyword", "damage"),
     [
@@ -217,3 +219,47 @@ def test_a_damaged_zip_is_refused_not_an_error(tmp_path: Path, damage: str) -> N
     damaged = tmp_path / "damaged.zip"
     damaged.write_bytes(_damaged_copies(good.read_bytes())[damage])
     assert _refusal(damaged).startswith("DICOM zip: ")
+
+
+PHI_UID = "1.2.3.DOE^JOHN.19700101"  # not a valid UID: pydicom's reading validation quotes it
+
+
+def _series_with_phi_uid(tmp_path: Path, keyword: str) -> Path:
+    """A series zip whose ``keyword`` holds :data:`PHI_UID` (built before any recording:
+    pydicom warns about the value when it is written, too)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if keyword == "SeriesInstanceUID":
+            slices = dicom_slices(_volume(), _oblique_affine(), series=PHI_UID)
+            return series_zip(tmp_path / "uid.zip", slices)
+        slices = dicom_slices(_volume(), _oblique_affine())
+        report = pydicom.dcmread(io.BytesIO(structured_report()))
+        report.SOPClassUID = PHI_UID
+        buffer = io.BytesIO()
+        report.save_as(buffer, enforce_file_format=True)
+        members = [(f"IM{i}.dcm", s) for i, s in enumerate(slices)]
+        members.append(("SR.dcm", buffer.getvalue()))
+        return write_zip(tmp_path / "sr.zip", members)
+
+
+@pytest.mark.parametrize("keyword", ["SeriesInstanceUID", "SOPClassUID"])
+def test_header_values_reach_no_log_and_no_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, keyword: str
+) -> None:
+    zipped = _series_with_phi_uid(tmp_path, keyword)
+    out = tmp_path / "scan.nii.gz"
+    with (
+        caplog.at_level(logging.DEBUG),
+        caplog.at_level(logging.DEBUG, logger="pydicom"),
+        warnings.catch_warnings(record=True) as caught,
+    ):
+        warnings.simplefilter("always")
+        if keyword == "SeriesInstanceUID":  # a usable series: converted
+            series_zip_to_nifti(zipped, out, MAX_VOXELS)
+        else:  # read to name the non-image object's class, then refused
+            with pytest.raises(InvalidInputError, match="member #7 is a non-image"):
+                series_zip_to_nifti(zipped, out, MAX_VOXELS)
+    assert out.exists() == (keyword == "SeriesInstanceUID")
+    logged = [record.getMessage() for record in caplog.records]
+    warned = [str(warning.message) for warning in caught]
+    assert not [text for text in logged + warned if "DOE" in text], (logged, warned)
