@@ -142,7 +142,7 @@ class RedisQueue:
             return
         attempt = state.progress.attempt
         if status in _ENDED_IN_RQ:
-            reason = _failure_reason(job, attempt)
+            reason = _failure_reason(job, status, attempt)
             if self.store.end(job_id, "failed", reason):
                 log.warning("job %s: %s", job_id, reason)
         elif status == JobStatus.QUEUED and state.status == "running":
@@ -154,7 +154,12 @@ class RedisQueue:
             log.warning("job %s: %s", job_id, note)
 
 
-def _failure_reason(job: Job, attempt: int) -> str:
+def _failure_reason(job: Job, status: JobStatus, attempt: int) -> str:
+    if status == JobStatus.FINISHED:  # the worker ran it without finding it in its job store
+        return (
+            "a worker ended the job without recording it in the job store: do the API and "
+            "the workers share SITEFIT_HOME?"
+        )
     result = job.latest_result()
     text = (result.exc_string or "") if result is not None else ""
     if _ABANDONED in text or not text:

@@ -63,6 +63,7 @@ class EmbeddedQueue:
         self._ids: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._failure: str | None = None
+        self._running: str | None = None  # the job the worker thread runs now
         # held while checking for a failure and queueing, and while recording one: once the
         # worker has failed, nothing more is queued, so draining the queue ends every job
         self._lock = threading.Lock()
@@ -98,7 +99,22 @@ class EmbeddedQueue:
         return self._ids.qsize()
 
     def maintain(self) -> None:
-        """Nothing to reconcile: a dead thread means a dead process (see :meth:`_recover`)."""
+        """Fail the jobs the store says are running that the worker thread is not running:
+        an attempt whose end could not be recorded (e.g. a full disk) would otherwise read
+        "running" until the retention sweep. (A dead thread means a dead process: see
+        :meth:`_recover`.)"""
+        for job_id in self.store.job_ids():
+            try:
+                running = self.store.state(job_id).status == "running"
+            except (JobNotFoundError, JobStorageError):
+                continue
+            with self._lock:
+                if not running or job_id == self._running:
+                    continue
+            # the thread takes a job under the lock before marking it running, so a job it
+            # runs is never seen running here without being ``_running``
+            if self.store.end(job_id, "failed", "the worker could not record the job's end"):
+                log.warning("job %s: failed: its end was never recorded", job_id)
 
     def _recover(self) -> None:
         """Jobs a previous process left active: queued ones run again, running ones failed."""
@@ -133,6 +149,8 @@ class EmbeddedQueue:
             self._fail_queued(f"embedded worker cannot start: {self._failure}")
             return
         while (job_id := self._ids.get()) is not None:
+            with self._lock:
+                self._running = job_id
             try:
                 run_job(
                     job_id,
@@ -143,6 +161,9 @@ class EmbeddedQueue:
                 )
             except Exception:
                 log.exception("job %s: unexpected error", job_id)
+            finally:
+                with self._lock:
+                    self._running = None
 
     def _fail_queued(self, reason: str) -> None:
         """End every job still in the queue as failed: no thread will ever run them."""

@@ -9,6 +9,9 @@ A file part is stored under a fixed name chosen from its suffix (``scan.nii``,
 ``scan.nii.gz``, ``scan.zip``; ``reference.nii[.gz]``): the client's file name may hold PHI
 and is never stored or logged. Once the body is complete, every stored file and the staging
 directory are fsynced, so a job published by renaming that directory never has a torn scan.
+Like the job store's files, stored files get ``JOB_FILE_MODE`` whatever the umask (the job
+store gives the staging directory ``JOB_DIR_MODE``): an upload is a scan, not for other
+accounts to read.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from server.errors import MalformedRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
 from sitefit.durable import fsync_dir
-from sitefit.job_store import storage_error
+from sitefit.job_store import JOB_FILE_MODE, storage_error
 
 FILE_PARTS = {"file": "scan", "reference": "reference"}
 TEXT_PARTS = ("model", "site", "mode")
@@ -70,6 +73,19 @@ def _suffix(part: str, filename: str) -> str:
     raise UnsupportedMediaTypeError(
         f"'{part}' part: unsupported file type; expected a file name ending in {allowed}"
     )
+
+
+def _create(path: Path) -> BinaryIO:
+    """Create ``path`` for writing, exclusively, with mode ``JOB_FILE_MODE`` exactly."""
+    # created with the mode (never wider, not even while empty), then set exactly as the job
+    # store sets its files: a strict umask must not hide the scan from the workers' group
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, JOB_FILE_MODE)
+    try:
+        os.fchmod(descriptor, JOB_FILE_MODE)
+        return os.fdopen(descriptor, "wb")
+    except BaseException:
+        os.close(descriptor)
+        raise
 
 
 class _Receiver:
@@ -119,7 +135,7 @@ class _Receiver:
             suffix = _suffix(name, options[b"filename"].decode("utf-8", "replace"))
             stored = StoredFile(self.staging / f"{FILE_PARTS[name]}{suffix}", suffix)
             try:
-                self._file = stored.path.open("xb")
+                self._file = _create(stored.path)
             except OSError as error:
                 raise storage_error("store the upload", error) from None
             self._handles.append(self._file)

@@ -69,6 +69,7 @@ def storage_error(action: str, error: OSError) -> JobStorageError:
 
 
 JOB_FILE_MODE = 0o640  # job files may hold a scan: not world-readable
+JOB_DIR_MODE = 0o750  # job directories (and uploads being received): no access for others
 
 
 def _write_atomic(path: Path, data: bytes, *, exclusive: bool = False) -> bool:
@@ -128,6 +129,7 @@ class JobStore:
         staging = self.incoming_dir(job_id)
         try:
             staging.mkdir(parents=True, exist_ok=False)
+            os.chmod(staging, JOB_DIR_MODE)  # exactly, whatever the umask: it is the job's
         except OSError as error:
             raise storage_error("create the upload directory", error) from None
         try:
@@ -257,6 +259,10 @@ class JobStore:
         had ended is deleted entirely: its record goes too).
         """
         self.record(job_id)  # JobNotFoundError for an unknown job
+        ended = self._final(job_id)
+        if ended is not None:  # nothing to write: deleting must work on a full disk too
+            self.delete(job_id)
+            return ended.status
         if self.end(job_id, "canceled", "canceled by the client"):
             with contextlib.suppress(OSError):
                 for name in os.listdir(self.job_dir(job_id)):

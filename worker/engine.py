@@ -294,6 +294,9 @@ class Engine:
             reason = f"refined on this scan from {where} v{site.version.version}"
             if request.mode == "auto":
                 reason += f" ({why})"
+        elif request.mode == "auto" and lookup.latest_version is not None:
+            reason = (f"{where} v{lookup.latest_version} cannot be used (see warnings): "
+                      f"{reason} from the base model")  # fmt: skip
         elif request.mode == "auto":
             reason = "no cached weights for this site: " + reason
         outcome = self._refine(request, spec, prepared, base_net, base, lookup, candidate,

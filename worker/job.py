@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from sitefit.exceptions import SitefitError
-from sitefit.job_store import MASK, REPORT, JobStore
+from sitefit.job_store import JOB_FILE_MODE, MASK, REPORT, JobStore
 from sitefit.jobs import JobNotFoundError, JobRecord, Progress
 from sitefit.report import Report
 from sitefit.volume import save_image_atomic
@@ -124,7 +124,7 @@ def run_job(
         result = engine.run(request, on_progress)
         if store.is_ended(job_id):  # another attempt finished, or the job was canceled
             raise JobCanceled(job_id)
-        save_image_atomic(result.mask, store.path(job_id, MASK))
+        save_image_atomic(result.mask, store.path(job_id, MASK), mode=JOB_FILE_MODE)
         store.write_result(job_id, REPORT, result.report.model_dump_json(indent=2).encode())
         report = result.report
         outcome: Outcome = "finished" if store.end(job_id, "finished") else "canceled"

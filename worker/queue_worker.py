@@ -22,6 +22,7 @@ fails it with ``AbandonedJobError``; the API copies that outcome into the job st
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
 from typing import Any
@@ -29,6 +30,7 @@ from typing import Any
 import redis
 from prometheus_client import CollectorRegistry, start_http_server
 from rq import Queue
+from rq.exceptions import StopRequested
 from rq.executions import Execution
 from rq.job import Job
 from rq.serializers import JSONSerializer
@@ -142,8 +144,23 @@ def run_worker(settings: Settings, metrics_port: int | None = None, *, burst: bo
 
     job_class = bound_job_class(runner)
     connection = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5)
+    stopping = threading.Event()  # set by a handler and polled, never waited on: a wait in
+    # the thread the handler interrupts could deadlock on the Event's own lock
+
+    def stop_between_loops(signum: int, frame: Any) -> None:
+        stopping.set()
+
+    def listen() -> None:
+        # RQ's work() installs its own SIGTERM/SIGINT handlers and leaves them behind; out of
+        # its loop (building a worker, the back-off) a signal must still stop us cleanly
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, stop_between_loops)
+
     backoff = 1.0
     while True:
+        listen()
+        if stopping.is_set():
+            return 0
         worker: SitefitWorker | None = None
         started = time.monotonic()
         try:  # building the worker talks to Redis too (CLIENT SETNAME): Redis may be down
@@ -155,17 +172,26 @@ def run_worker(settings: Settings, metrics_port: int | None = None, *, burst: bo
                 maintenance_interval=max(10, 3 * settings.worker_heartbeat_s),
             )
             worker.heartbeat_s = settings.worker_heartbeat_s
-            worker.work(burst=burst, logging_level="INFO")
+            if not stopping.is_set():
+                worker.work(burst=burst, logging_level="INFO")
+        except StopRequested:  # RQ's handler, between its loop's end and ours
+            return 0
         except redis.RedisError as error:
             log.error("lost Redis (%s)", type(error).__name__)
             if burst:
                 return 1  # could not drain the queue
-        if burst or getattr(worker, "stop_requested_by_signal", False):
+        if burst or stopping.is_set() or getattr(worker, "stop_requested_by_signal", False):
             return 0
         if time.monotonic() - started > 60:
             backoff = 1.0  # it ran a while: this is a new problem, retry soon
         log.warning("worker loop ended; starting a new one in %.0f s", backoff)
-        time.sleep(backoff)
+        listen()
+        resume = time.monotonic() + backoff
+        while time.monotonic() < resume:
+            if stopping.is_set():
+                log.info("stopped while waiting to reconnect")
+                return 0
+            time.sleep(0.1)
         backoff = min(backoff * 2, 30.0)
 
 

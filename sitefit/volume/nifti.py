@@ -244,13 +244,15 @@ def mask_to_image(mask: npt.NDArray[Any], source: SourceGeometry) -> Any:
     return image_class(original, source.affine, header=header)
 
 
-def save_image_atomic(image: Any, path: Path) -> None:
+def save_image_atomic(image: Any, path: Path, *, mode: int | None = None) -> None:
     """Write a NIfTI image so that ``path`` is either absent/old or complete, never partial.
 
     Writes a hidden temporary file in the same directory with the same ``.nii``/``.nii.gz``
     suffix (so nibabel compresses as the name says), fsyncs it, then ``os.replace``s it onto
-    ``path`` and fsyncs the directory. On any failure the temporary file is removed and the
-    error propagates. A wrong suffix raises InvalidInputError.
+    ``path`` and fsyncs the directory. The file gets ``mode`` (e.g. ``JOB_FILE_MODE`` for a
+    job's scan or mask), set before it is published; ``None`` leaves the umask's. On any
+    failure the temporary file is removed and the error propagates. A wrong suffix raises
+    InvalidInputError.
     """
     try:
         suffix = nifti_suffix(path)
@@ -258,5 +260,5 @@ def save_image_atomic(image: Any, path: Path) -> None:
         raise InvalidInputError(
             f"{path.name}: unsupported output file type; expected a name ending in .nii or .nii.gz"
         ) from None
-    with atomic_path(path, suffix=suffix) as temporary:
+    with atomic_path(path, suffix=suffix, mode=mode) as temporary:
         nib.save(image, str(temporary))

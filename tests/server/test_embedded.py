@@ -141,6 +141,23 @@ def test_restart_fails_jobs_that_were_running_and_reruns_queued_ones(
         wait_for_status(api, ids[1], ("finished",))
 
 
+def test_a_job_left_running_by_an_unrecorded_end_is_failed_by_maintenance(
+    service_home: Path, brain_model: str, shifted_brain_case: PhantomCase
+) -> None:
+    """An attempt whose end could not be written (a full disk) leaves the job "running"
+    with no thread running it: maintenance fails it rather than the retention sweep days
+    later. The job the thread does run is left alone."""
+    settings = service_settings(service_home)
+    store = JobStore.from_settings(settings)
+    with client(settings) as api:
+        stuck = publish_job(store, scan=shifted_brain_case.image.read_bytes(), model=brain_model)
+        store.set_progress(stuck, Progress(status="running", attempt=1))
+        job = wait_for_status(api, stuck, ("failed",))
+        assert "could not record the job's end" in job["error"]
+        created = upload(api, shifted_brain_case.image, brain_model, mode="adapt", site=None)
+        assert wait_for_status(api, created.json()["id"], ("finished",))["progress"]["attempt"] == 1
+
+
 def test_oversized_upload_is_refused_declared_or_streamed(
     service_home: Path, brain_model: str
 ) -> None:

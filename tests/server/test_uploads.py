@@ -1,9 +1,11 @@
-"""``server.uploads.receive`` on real files: what it stores, and a storage failure (no HTTP)."""
+"""``server.uploads.receive`` on real files: what it stores, with which modes, and a storage
+failure (no HTTP); and the modes of a whole job's files, over HTTP."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+import stat
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import anyio
@@ -11,7 +13,10 @@ import pytest
 
 from server.errors import MalformedRequestError, PayloadTooLargeError
 from server.uploads import Upload, receive
-from sitefit.job_store import JobStorageError
+from sitefit.job_store import JOB_FILE_MODE, JobStorageError
+from tests.conftest import PhantomCase
+from tests.server.helpers import client, service_settings, upload, wait_for_status
+from tests.server.payloads import nifti_to_dicom_zip
 
 BOUNDARY = b"sitefit-test-boundary"
 
@@ -70,3 +75,36 @@ def test_the_limit_counts_the_whole_body_epilogue_included(tmp_path: Path) -> No
     body = _body(b"x" * 100, {"model": "tiny"}) + b"junk after the closing boundary" * 40_000
     with pytest.raises(PayloadTooLargeError, match="exceeds the limit"):
         _receive(body, tmp_path)
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    previous = os.umask(0o022)  # the usual umask: it alone would make new files world-readable
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+@pytest.mark.usefixtures("umask_022")
+def test_stored_files_are_not_world_readable(tmp_path: Path) -> None:
+    _receive(_body(b"x" * 100, {"model": "tiny"}), tmp_path)
+    assert stat.S_IMODE((tmp_path / "scan.nii.gz").stat().st_mode) == JOB_FILE_MODE
+
+
+@pytest.mark.usefixtures("umask_022")
+def test_a_jobs_scan_mask_and_directory_are_not_world_readable(
+    tmp_path: Path, service_home: Path, brain_model: str, shifted_brain_case: PhantomCase
+) -> None:
+    zipped = nifti_to_dicom_zip(shifted_brain_case.image, tmp_path / "series.zip")
+    with client(service_settings(service_home)) as api:
+        ids = [
+            upload(api, scan, brain_model).json()["id"]
+            for scan in (shifted_brain_case.image, zipped)
+        ]
+        for job_id in ids:
+            assert wait_for_status(api, job_id, ("finished", "failed"))["status"] == "finished"
+    for job_id in ids:  # a NIfTI upload as received, then a DICOM series converted
+        job = service_home / "jobs" / job_id
+        for path in (job, job / "scan.nii.gz", job / "mask.nii.gz", job / "job.json"):
+            assert path.stat().st_mode & 0o007 == 0, f"{path.name}: {path.stat().st_mode:o}"

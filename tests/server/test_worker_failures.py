@@ -120,3 +120,29 @@ def test_a_job_past_its_time_limit_fails_with_a_reason(
         failed = wait_for_status(api, job_id, ("failed", "finished"), timeout=120)
     assert failed["status"] == "failed", failed
     assert "time limit of 1 s" in failed["error"]
+
+
+def test_a_worker_on_another_home_is_named_as_the_cause_not_a_crash(
+    tmp_path: Path,
+    settings: Settings,
+    brain_model: str,
+    redis_server: RedisProcess,
+    shifted_brain_case: PhantomCase,
+) -> None:
+    """A worker whose SITEFIT_HOME is not the API's (a share not mounted) finds no job data:
+    it skips the job, which RQ records as finished; the job must fail with that cause, not
+    as "killed or crashed"."""
+    home = make_home(tmp_path, settings.models_dir)
+    elsewhere = make_home(tmp_path / "elsewhere", settings.models_dir)
+    queue = "other-home"
+    app = service_settings(home, redis_url=redis_server.url, queue_name=queue)
+    worker = WorkerProcess(service_env(elsewhere, redis_server.url, queue), tmp_path / "w.log")
+    worker.start()
+    try:
+        with client(app) as api:
+            job_id = upload(api, shifted_brain_case.image, brain_model).json()["id"]
+            job = wait_for_status(api, job_id, ("failed", "finished"), timeout=60)
+    finally:
+        worker.stop()
+    assert job["status"] == "failed"
+    assert "share SITEFIT_HOME" in job["error"] and "killed" not in job["error"]

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import stat
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from sitefit.job_store import MASK, REPORT, JobStorageError, JobStore
+from sitefit.job_store import JOB_DIR_MODE, MASK, REPORT, JobStorageError, JobStore
 from sitefit.jobs import JobNotFoundError, Progress, new_job_id
 from sitefit.settings import Settings
 from tests.stored_jobs import publish_job
@@ -30,6 +34,16 @@ def test_published_job_is_queued_and_nothing_is_left_in_incoming(tmp_path: Path)
     assert store.path(job_id, "scan.nii.gz").read_bytes() == b"scan"
     assert list((store.root / ".incoming").iterdir()) == []
     assert store.job_ids() == [job_id]
+
+
+def test_a_jobs_directory_is_not_for_other_accounts_whatever_the_umask(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    previous = os.umask(0o022)  # the usual umask: alone it would let every account list it
+    try:
+        job_id = _publish(store)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(store.job_dir(job_id).stat().st_mode) == JOB_DIR_MODE
 
 
 def test_failed_upload_leaves_nothing(tmp_path: Path) -> None:
@@ -91,6 +105,35 @@ def test_deleting_a_finished_job_removes_it(tmp_path: Path) -> None:
         store.state(job_id)
     with pytest.raises(JobNotFoundError):
         store.write_result(job_id, MASK, b"late")  # never recreates a deleted job
+
+
+# Run with no room to write a byte (RLIMIT_FSIZE 0: every write fails with EFBIG, as on a full
+# disk): cancel one job that ended and one that did not; prints what each call gave.
+_NO_ROOM = """
+import resource, signal, sys
+from sitefit.job_store import JobStore
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+store = JobStore(sys.argv[1], 3600, 7200)
+for job_id in sys.argv[2:]:
+    try:
+        print(store.cancel(job_id))
+    except Exception as error:
+        print(type(error).__name__)
+"""
+
+
+def test_deleting_an_ended_job_needs_no_room_to_write(tmp_path: Path) -> None:
+    """A client frees space by deleting jobs, above all when the disk is full."""
+    store = _store(tmp_path)
+    ended, active = _publish(store), _publish(store)
+    assert store.end(ended, "finished")
+    run = subprocess.run(
+        [sys.executable, "-c", _NO_ROOM, str(store.root), ended, active],
+        capture_output=True, text=True, check=True, cwd=Path(__file__).parents[2],
+    )  # fmt: skip
+    assert run.stdout.split() == ["finished", "JobStorageError"], run.stderr
+    assert store.job_ids() == [active] and store.state(active).status == "queued"
 
 
 def test_retention_expires_ended_jobs_and_stale_uploads(tmp_path: Path) -> None:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import os
+import stat
+import subprocess
+import sys
 import time
 import tracemalloc
 from pathlib import Path
@@ -535,23 +539,47 @@ def test_save_wrong_suffix(tmp_path: Path) -> None:
         save_image_atomic(image, tmp_path / "mask.mha")
 
 
-def test_save_failure_leaves_no_partial_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+# Save a scan of random voxels (gzip cannot shrink it) where no file may pass 64 KiB
+# (RLIMIT_FSIZE; the write fails with EFBIG partway, as on a disk that fills up).
+_NO_ROOM = """
+import resource, signal, sys
+from pathlib import Path
+import nibabel as nib, numpy as np
+from sitefit.volume import save_image_atomic
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+data = np.random.default_rng(0).random((64, 64, 64)).astype(np.float32)
+resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+try:
+    save_image_atomic(nib.Nifti1Image(data, np.eye(4)), Path(sys.argv[1]))
+except OSError as error:
+    print(error.strerror)
+"""
+
+
+def test_save_failure_leaves_no_partial_file(tmp_path: Path) -> None:
     path = tmp_path / "mask.nii.gz"
     previous = b"previous complete file"
     path.write_bytes(previous)
-
-    def half_write(image: Any, filename: str) -> None:
-        Path(filename).write_bytes(b"\x1f\x8b partial")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(nib, "save", half_write)
-    image = nib.Nifti1Image(np.zeros((2, 2, 2), np.uint8), np.eye(4))
-    with pytest.raises(OSError, match="disk full"):
-        save_image_atomic(image, path)
+    run = subprocess.run(
+        [sys.executable, "-c", _NO_ROOM, str(path)],
+        capture_output=True, text=True, check=True, cwd=Path(__file__).parents[2],
+    )  # fmt: skip
+    assert run.stdout.strip() == "File too large", run.stderr
     assert path.read_bytes() == previous
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.nii.gz"]
+
+
+def test_save_gives_the_file_the_mode_asked_for(tmp_path: Path) -> None:
+    image = nib.Nifti1Image(np.zeros((2, 2, 2), np.uint8), np.eye(4))
+    previous = os.umask(0o022)
+    try:
+        save_image_atomic(image, tmp_path / "mask.nii.gz", mode=0o640)
+        save_image_atomic(image, tmp_path / "default.nii.gz")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "mask.nii.gz").stat().st_mode) == 0o640
+    assert stat.S_IMODE((tmp_path / "default.nii.gz").stat().st_mode) == 0o644  # the umask's
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["default.nii.gz", "mask.nii.gz"]
 
 
 # --- array helpers ------------------------------------------------------------------------

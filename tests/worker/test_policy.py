@@ -492,6 +492,20 @@ def test_a_sites_unusable_latest_version_does_not_stop_it_saving_again(
     assert engine.store.sites.load("stuck", saved, engine.store.models.spec(model))
 
 
+def test_auto_says_the_sites_weights_exist_but_cannot_be_used(
+    engine: Engine, home_settings: Settings, consistent_brain_model: str,
+    shifted_brain_case: PhantomCase,
+) -> None:  # fmt: skip
+    _seed_site(engine, consistent_brain_model, "unusable")
+    delta = next(home_settings.sites_dir.glob("unusable/*/1/delta.safetensors.gz"))
+    delta.write_bytes(delta.read_bytes()[:-8])
+    request = SegmentRequest(shifted_brain_case.image, consistent_brain_model, "unusable", "auto")
+    report = engine.run(request).report
+    assert report.mode_used == "adapt" and report.site_weights.used_version is None
+    assert "site 'unusable' v1 cannot be used" in report.mode_reason, report.mode_reason
+    assert "no cached weights" not in report.mode_reason
+
+
 def test_a_site_store_that_cannot_be_written_does_not_fail_the_job(
     engine: Engine, home_settings: Settings, consistent_brain_model: str,
     shifted_brain_case: PhantomCase,
