@@ -28,7 +28,9 @@ non-conforming values in its warnings and log records, is switched off (see belo
 from __future__ import annotations
 
 import io
+import logging
 import math
+import warnings
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -60,13 +62,18 @@ _UNKNOWN_SOP_CLASS = "unknown SOP class"
 
 _T = TypeVar("_T")
 
-# pydicom validates each header value when it is first read and, by default, warns and logs
-# it quoted ("Invalid value for VR UI: '...'"): a non-conforming UID or number would put
-# header text (PHI) in the log. Reading validation is off for the whole process: pydicom's
-# scoped switch (config.disable_value_validation) swaps this same global setting and puts
-# it back on exit, which races between uploads converted in concurrent threads. A value we
-# cannot use is still refused, without quoting it (_header_value).
+# pydicom quotes header values in its warnings and log records: reading validation ("Invalid
+# value for VR UI: '...'") and the character set check ("Unknown encoding '...'", which no
+# setting turns off) would put header text (PHI) in the server's log. So, for the whole
+# process: reading validation is off (pydicom's scoped switch flips this same global and
+# races between uploads converted in concurrent threads), pydicom's own log records go
+# nowhere and its warnings are ignored. A value we cannot use is still refused, by our own
+# message, which quotes nothing (_header_value).
 pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+_PYDICOM_LOG = logging.getLogger("pydicom")  # its modules' loggers are this one or below it
+_PYDICOM_LOG.propagate = False
+_PYDICOM_LOG.addHandler(logging.NullHandler())
+warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
 
 
 @dataclass(frozen=True, eq=False)
@@ -205,7 +212,9 @@ def _floats(dataset: Any, keyword: str, count: int, number: int) -> list[float]:
 
 
 def _sop_class_name(value: Any) -> str:
-    return str(getattr(value, "name", _UNKNOWN_SOP_CLASS))
+    # pydicom names a UID it does not know by the UID itself: never echo a header value
+    name = getattr(value, "name", None)
+    return str(name) if name and str(name) != str(value) else _UNKNOWN_SOP_CLASS
 
 
 def _slice_header(dataset: Any, number: int, info: zipfile.ZipInfo) -> _Slice:
