@@ -155,11 +155,14 @@ class RedisQueue:
 
 
 def _failure_reason(job: Job, status: JobStatus, attempt: int) -> str:
-    if status == JobStatus.FINISHED:  # the worker ran it without finding it in its job store
+    if status == JobStatus.FINISHED and job.return_value() == "skipped":
+        # the worker found no such job in its job store
         return (
             "a worker ended the job without recording it in the job store: do the API and "
             "the workers share SITEFIT_HOME?"
         )
+    if status == JobStatus.FINISHED:  # its attempt ended, but writing that end failed
+        return "the worker could not record the job's end in the job store (see its log)"
     result = job.latest_result()
     text = (result.exc_string or "") if result is not None else ""
     if _ABANDONED in text or not text:

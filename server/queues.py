@@ -113,8 +113,11 @@ class EmbeddedQueue:
                     continue
             # the thread takes a job under the lock before marking it running, so a job it
             # runs is never seen running here without being ``_running``
-            if self.store.end(job_id, "failed", "the worker could not record the job's end"):
-                log.warning("job %s: failed: its end was never recorded", job_id)
+            try:
+                if self.store.end(job_id, "failed", "the worker could not record the job's end"):
+                    log.warning("job %s: failed: its end was never recorded", job_id)
+            except (JobNotFoundError, JobStorageError) as error:  # still full: next pass
+                log.warning("job %s: cannot record its failure yet: %s", job_id, error)
 
     def _recover(self) -> None:
         """Jobs a previous process left active: queued ones run again, running ones failed."""

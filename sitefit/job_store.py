@@ -69,7 +69,7 @@ def storage_error(action: str, error: OSError) -> JobStorageError:
 
 
 JOB_FILE_MODE = 0o640  # job files may hold a scan: not world-readable
-JOB_DIR_MODE = 0o750  # job directories (and uploads being received): no access for others
+JOB_DIR_MODE = 0o770  # job directories: the group's workers write there; others get nothing
 
 
 def _write_atomic(path: Path, data: bytes, *, exclusive: bool = False) -> bool:

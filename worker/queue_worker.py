@@ -57,6 +57,14 @@ class SitefitWorker(SimpleWorker):
 
     death_penalty_class = _TimeLimit
     heartbeat_s = 10
+    stopping: threading.Event | None = None  # set by run_worker's handler before RQ's are in
+
+    def _install_signal_handlers(self) -> None:
+        super()._install_signal_handlers()
+        if self.stopping is not None and self.stopping.is_set():
+            # a signal came while work() bootstrapped, before its handlers: honour it now
+            self.stop_requested_by_signal = True
+            self._stop_requested = True
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return 3 * self.heartbeat_s
@@ -156,43 +164,49 @@ def run_worker(settings: Settings, metrics_port: int | None = None, *, burst: bo
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, stop_between_loops)
 
-    backoff = 1.0
-    while True:
-        listen()
-        if stopping.is_set():
-            return 0
-        worker: SitefitWorker | None = None
-        started = time.monotonic()
-        try:  # building the worker talks to Redis too (CLIENT SETNAME): Redis may be down
-            worker = SitefitWorker(
-                [settings.queue_name],
-                connection=connection,
-                job_class=job_class,
-                serializer=JSONSerializer,
-                maintenance_interval=max(10, 3 * settings.worker_heartbeat_s),
-            )
-            worker.heartbeat_s = settings.worker_heartbeat_s
-            if not stopping.is_set():
-                worker.work(burst=burst, logging_level="INFO")
-        except StopRequested:  # RQ's handler, between its loop's end and ours
-            return 0
-        except redis.RedisError as error:
-            log.error("lost Redis (%s)", type(error).__name__)
-            if burst:
-                return 1  # could not drain the queue
-        if burst or stopping.is_set() or getattr(worker, "stop_requested_by_signal", False):
-            return 0
-        if time.monotonic() - started > 60:
-            backoff = 1.0  # it ran a while: this is a new problem, retry soon
-        log.warning("worker loop ended; starting a new one in %.0f s", backoff)
-        listen()
-        resume = time.monotonic() + backoff
-        while time.monotonic() < resume:
+    def serve() -> int:
+        backoff = 1.0
+        while True:
+            listen()
             if stopping.is_set():
-                log.info("stopped while waiting to reconnect")
                 return 0
-            time.sleep(0.1)
-        backoff = min(backoff * 2, 30.0)
+            worker: SitefitWorker | None = None
+            started = time.monotonic()
+            try:  # building the worker talks to Redis too (CLIENT SETNAME): Redis may be down
+                worker = SitefitWorker(
+                    [settings.queue_name],
+                    connection=connection,
+                    job_class=job_class,
+                    serializer=JSONSerializer,
+                    maintenance_interval=max(10, 3 * settings.worker_heartbeat_s),
+                )
+                worker.heartbeat_s = settings.worker_heartbeat_s
+                worker.stopping = stopping
+                if not stopping.is_set():
+                    worker.work(burst=burst, logging_level="INFO")
+            except redis.RedisError as error:
+                log.error("lost Redis (%s)", type(error).__name__)
+                if burst:
+                    return 1  # could not drain the queue
+            finally:
+                listen()
+            if burst or stopping.is_set() or getattr(worker, "stop_requested_by_signal", False):
+                return 0
+            if time.monotonic() - started > 60:
+                backoff = 1.0  # it ran a while: this is a new problem, retry soon
+            log.warning("worker loop ended; starting a new one in %.0f s", backoff)
+            resume = time.monotonic() + backoff
+            while time.monotonic() < resume:
+                if stopping.is_set():
+                    log.info("stopped while waiting to reconnect")
+                    return 0
+                time.sleep(0.1)
+            backoff = min(backoff * 2, 30.0)
+
+    try:
+        return serve()
+    except StopRequested:  # RQ's handler, left installed, fired out of its loop: a clean stop
+        return 0
 
 
 __all__ = ["SitefitJob", "SitefitWorker", "UntrustedJobError", "bound_job_class", "run_worker"]

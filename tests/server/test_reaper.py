@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from sitefit.jobs import QUEUED_FUNCTION, Progress, new_job_id
 from tests.server.helpers import service_settings
 from tests.server.processes import RedisProcess
 from tests.stored_jobs import publish_job
+from worker.queue_worker import SitefitWorker, bound_job_class
 
 
 def record(job: Any, *args: Any) -> None:
@@ -101,3 +103,36 @@ def test_a_job_with_unreadable_data_does_not_stop_the_pass(
         for r in caplog.records
     )
     assert not store.is_ended(corrupt)  # left alone: the retention sweep deletes it later
+
+
+@pytest.mark.parametrize(
+    ("outcome", "reason"),
+    [
+        ("skipped", "do the API and the workers share SITEFIT_HOME?"),  # found no such job
+        ("failed", "could not record the job's end"),  # e.g. its failure hit a full disk
+    ],
+)
+def test_a_job_rq_finished_but_the_store_never_saw_end_names_the_cause(
+    tmp_path: Path, redis_server: RedisProcess, outcome: str, reason: str
+) -> None:
+    queue_name = f"reaper-finished-{outcome}"
+    settings = service_settings(tmp_path, redis_url=redis_server.url, queue_name=queue_name)
+    store = JobStore.from_settings(settings)
+    job_id = publish_job(store, site="s")
+    api = RedisQueue(settings, store)
+    api.submit(job_id)
+    connection = redis.Redis.from_url(redis_server.url)
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    worker = SitefitWorker(
+        [queue_name], connection=connection, job_class=bound_job_class(lambda _: outcome),
+        serializer=JSONSerializer,
+    )  # fmt: skip
+    try:
+        worker.work(burst=True)  # the job ends in RQ as finished; the store is not written
+    finally:
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+    api.maintain()
+    state = store.state(job_id)
+    assert state.status == "failed" and reason in (state.error or ""), state.error
+    assert "killed" not in (state.error or "")

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -112,3 +113,26 @@ def test_the_heartbeat_stops_three_beats_past_the_time_limit(connection: redis.R
 def test_a_burst_worker_without_redis_says_so_and_exits_non_zero(tmp_path: Path) -> None:
     settings = Settings(home=tmp_path, redis_url="redis://127.0.0.1:1/0", device="cpu")
     assert run_worker(settings, burst=True) == 1
+
+
+def test_a_stop_signalled_before_rqs_handlers_are_in_is_honoured(connection: redis.Redis) -> None:
+    """A SIGTERM while work() bootstraps (Redis round trips, before RQ installs its handlers)
+    reaches only run_worker's handler: the worker must stop before taking a job, not serve
+    until a second signal (which an orchestrator sends as SIGKILL, mid-job)."""
+    queue = Queue("signalled", connection=connection, serializer=JSONSerializer)
+    job = queue.enqueue_call(QUEUED_FUNCTION, args=(new_job_id(),))
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    ran: list[str] = []
+    worker = SitefitWorker(
+        ["signalled"], connection=connection, job_class=bound_job_class(ran.append),
+        serializer=JSONSerializer,
+    )  # fmt: skip
+    worker.stopping = threading.Event()
+    worker.stopping.set()  # as run_worker's handler does
+    try:
+        worker.work(burst=True)
+    finally:
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+    assert ran == [] and queue.job_ids == [job.id]
+    assert worker.stop_requested_by_signal
