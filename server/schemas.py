@@ -139,7 +139,7 @@ class SiteDetail(BaseModel):
     models: dict[str, list[SiteVersion]] = Field(description="every version, oldest first")
     unreadable: dict[str, list[UnreadableVersion]] = Field(
         default_factory=dict,
-        description="per model, the versions whose files cannot be read (missing or corrupt)",
+        description="per model, the versions whose meta.json cannot be read (missing or corrupt)",
     )
 
 

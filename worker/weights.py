@@ -86,6 +86,13 @@ def check_fits(spec: ModelSpec, tensors: dict[str, np.ndarray]) -> None:
         load_numpy(SegmentationNet(net_config(spec.architecture)), tensors)
     except ModelStoreError as error:
         raise InvalidInputError(f"model {spec.name}: {error}") from None
+    except (TypeError, RuntimeError) as error:  # e.g. a dtype torch cannot take
+        raise InvalidInputError(
+            f"model {spec.name}: weights do not fit the architecture ({type(error).__name__})"
+        ) from None
+    for key, array in tensors.items():  # `sitefit train` refuses such a model too
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            raise InvalidInputError(f"model {spec.name}: tensor {key!r} holds NaN or Inf")
 
 
 def snapshot(net: SegmentationNet) -> dict[str, torch.Tensor]:

@@ -165,14 +165,18 @@ def sites_show(args: argparse.Namespace) -> int:
     models = store.sites.models_of(args.site)
     if not models:
         raise SiteNotFoundError(f"site {args.site!r} has no adapted weights")
-    latest = [v for v in (store.sites.latest(args.site, m) for m in models) if v is not None]
+    unreadable: list[UnreadableVersion] = []
+    histories = {m: store.sites.history(args.site, m, unreadable=unreadable) for m in models}
+    for bad in unreadable:  # the newest readable version is shown instead
+        print(f"sitefit: warning: {bad.reason}", file=sys.stderr)
+    latest = [versions[-1] for versions in histories.values() if versions]
     lines = [f"site {args.site}"]
     for meta in latest:
         count = len(store.sites.versions(args.site, meta.model))
-        lines.append(f"  {meta.model}: {count} version(s), latest:")
+        lines.append(f"  {meta.model}: {count} version(s), latest readable:")
         lines.extend(f"    {line}" for line in _version_lines(meta))
     payload = {"site": args.site, "latest": [m.model_dump(mode="json") for m in latest]}
-    return _emit(args, payload, lines)
+    return _emit(args, payload, lines) if latest else 1
 
 
 def sites_history(args: argparse.Namespace) -> int:

@@ -159,7 +159,11 @@ def test_an_unreadable_version_is_named_and_hides_no_other(
     assert code == 0 and [v["version"] for v in json.loads(out)] == [2, 3]
     assert err.startswith("sitefit: warning: site 'site-a' model 'brain' version 1: meta.json")
     code, out, _ = run(capsys, "sites", "show", "site-a", *home)
-    assert code == 0 and "3 version(s)" in out
+    assert code == 0 and "3 version(s)" in out and "version      3" in out
+    (store_home / "sites" / "site-a" / "brain" / "3" / "meta.json").write_text("{")
+    code, out, err = run(capsys, "sites", "show", "site-a", *home)  # the newest readable
+    assert code == 0 and "3 version(s)" in out and "version      2" in out
+    assert "version 3: meta.json" in err
     (store_home / "models" / "brain" / "1" / "spec.json").write_text("{")
     code, out, err = run(capsys, "models", "list", *home)
     assert code == 0 and "no base models" in out and "brain@1: unreadable spec" in err
