@@ -18,7 +18,7 @@ def test_check_fits_refuses_wrong_shapes_and_non_finite_weights(
     spec = registry.spec(brain_model)
     tensors = registry.tensors(spec)
     check_fits(spec, tensors)  # the trained model fits its own spec
-    key = next(k for k, v in tensors.items() if v.dtype == np.float32 and v.size > 1)
+    key = next(k for k, v in tensors.items() if v.dtype == np.float32 and v.ndim > 1)
     with pytest.raises(InvalidInputError, match="has shape"):
         check_fits(spec, {**tensors, key: tensors[key].ravel()})
     broken = tensors[key].copy()
