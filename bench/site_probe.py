@@ -18,6 +18,10 @@ test scan (seed 1000) prints the surface Dice against the ground truth of
   d^2 / (d^2 + K s^2), with s^2 the between-scan variance of that statistic over the base
   model's training scans (variances compared as logs): an empirical-Bayes shrinkage that
   keeps a shift only where it stands out of the source's scan-to-scan noise (``--shrink K``).
+- ``pool@K``: the statistics of the site's first ``K`` scans pooled as a site version pools
+  them (the base model's weighing ``--prior`` scans; ``--pool K ...``), as if each scan had
+  been saved; ``stack@K``: the statistics of those scans' slices taken together, as the
+  benchmark's refine-on-N computes them (the paper's Table 3 model, on the site's scans).
 - ``cons@LRxE``: the site scan's statistics at the first ``--weights`` point, then the
   paper's self-training of the init path (Eq. 2, Adam at ``LR``, batch norm frozen at those
   statistics, at most ``E`` epochs) on the site scan (``--consolidate LR:E``): the early
@@ -54,6 +58,7 @@ from worker.inference import foreground_dice, predict  # noqa: E402
 from worker.nets import SegmentationNet  # noqa: E402
 from worker.preprocess import PreparedScan, prepare_scan  # noqa: E402
 from worker.refinement import RefineConfig, refine, scan_statistics  # noqa: E402
+from worker.site_update import pooled_state  # noqa: E402
 from worker.weights import build_net, mutable_state  # noqa: E402
 
 GROUPS = {
@@ -152,6 +157,11 @@ def main() -> int:
         help="also the --weights variants of the 2nd..Nth site scan, each judged on its scan",
     )  # fmt: skip
     parser.add_argument("--passes", type=int, default=defaults.REFINE_STATISTICS_PASSES)
+    parser.add_argument(
+        "--pool", type=int, nargs="*", default=[],
+        help="K: the site's first K scans pooled as a version pools them, and stacked",
+    )  # fmt: skip
+    parser.add_argument("--prior", type=float, default=defaults.SITE_STATISTICS_PRIOR)
     parser.add_argument("--weights", type=float, nargs="*", default=[0.5, 0.75])
     parser.add_argument(
         "--mean-var", nargs="*", default=[],
@@ -187,7 +197,8 @@ def main() -> int:
         reference = load_label_map(case.label, like=scan)
         return prepare_scan(scan, spec.slice_axis, device), reference, scan.spacing_mm
 
-    site_cases = cases(args.task, args.domain, args.site_scans, SITE_SEED, args.fov_mm, args.work)
+    loaded = max([args.site_scans, *args.pool])
+    site_cases = cases(args.task, args.domain, loaded, SITE_SEED, args.fov_mm, args.work)
     test = cases(args.task, args.domain, args.n_test, args.test_seed, args.fov_mm, args.work)
     site_scans = [load(case) for case in site_cases]
     site_scan = site_scans[0][0]
@@ -204,7 +215,18 @@ def main() -> int:
         variants[f"site@{weight:g}"] = interpolate_statistics(base_state, site_state, weight)
     # the same from each further site scan, judged on that scan: "site2@0.75", "base2"
     scan_of: dict[str, int] = {}
-    for index, state in enumerate(site_states[1:], start=2):
+    for k in args.pool:
+        pool = base_state
+        for index, state in enumerate(site_states[:k]):  # the site_update running pool
+            pool = pooled_state(pool, state, index + args.prior)
+        variants[f"pool@{k}"] = pool
+        stacked = torch.cat([scan.slices for scan, _, _ in site_scans[:k]])
+        net = build_net(spec, tensors, device)
+        variants[f"stack@{k}"] = {
+            **base_state,
+            **scan_statistics(net, stacked, classes, args.passes),
+        }
+    for index, state in enumerate(site_states[1 : args.site_scans], start=2):
         variants[f"base{index}"] = base_state
         scan_of[f"base{index}"] = index - 1
         for weight in args.weights:
