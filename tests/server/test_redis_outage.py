@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import time
 from functools import partial
 from pathlib import Path
@@ -13,13 +14,7 @@ import redis
 
 from tests.conftest import PhantomCase
 from tests.server.helpers import client, service_settings, upload, wait_for_status
-from tests.server.processes import (
-    RedisProcess,
-    WorkerProcess,
-    free_port,
-    service_env,
-    wait_for,
-)
+from tests.server.processes import RedisProcess, WorkerProcess, service_env, wait_for
 
 
 def test_api_survives_a_redis_outage_and_recovers(
@@ -97,7 +92,9 @@ def test_sigterm_while_redis_is_away_exits_0(service_home: Path, tmp_path: Path)
     """operations.md: SIGTERM stops a worker with exit 0, also while Redis is away: one that
     never reached Redis waits between attempts (it used to die of the signal there), one that
     lost it retries inside RQ's loop."""
-    nowhere = free_port()  # nothing listens there
+    held = socket.socket()  # bound, never listening: connections to it are refused, and no
+    held.bind(("127.0.0.1", 0))  # other server (the Redis below) can be given its port
+    nowhere = held.getsockname()[1]
     never = WorkerProcess(
         service_env(service_home, f"redis://127.0.0.1:{nowhere}/0", "never"),
         tmp_path / "never.log",
@@ -121,6 +118,7 @@ def test_sigterm_while_redis_is_away_exits_0(service_home: Path, tmp_path: Path)
             if worker.process is not None and worker.process.poll() is None:
                 worker.kill()
         private.stop()
+        held.close()
 
 
 def _says(log: Path, text: str) -> bool:
