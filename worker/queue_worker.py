@@ -166,8 +166,8 @@ def run_worker(settings: Settings, metrics_port: int | None = None, *, burst: bo
 
     def serve() -> int:
         backoff = 1.0
+        listen()  # and again after each loop of RQ's, which leaves its handlers behind
         while True:
-            listen()
             if stopping.is_set():
                 return 0
             worker: SitefitWorker | None = None

@@ -83,7 +83,7 @@ def check_fits(spec: ModelSpec, tensors: dict[str, np.ndarray]) -> None:
     """Refuse (``InvalidInputError``) weights that do not make the spec's network: the
     ``check`` of :meth:`model_store.ModelStore.import_`."""
     try:
-        load_numpy(SegmentationNet(net_config(spec.architecture)), tensors)
+        build_net(spec, tensors, torch.device("cpu"))
     except ModelStoreError as error:
         raise InvalidInputError(f"model {spec.name}: {error}") from None
     except (TypeError, RuntimeError) as error:  # e.g. a dtype torch cannot take
