@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint typecheck bench-quality clean redis
+.PHONY: run test lint typecheck bench-quality clean system-tools
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,13 +27,19 @@ run: $(STAMP)
 	$(BIN)/sitefit demo
 	$(BIN)/sitefit serve
 
-# The integration tests start a private redis-server; install it where it is missing.
-redis:
-	@command -v redis-server >/dev/null 2>&1 || { $(SUDO) apt-get update -q && \
-		$(SUDO) apt-get install -y -q --no-install-recommends redis-server; }
+# The integration tests start a private redis-server and Orthanc (with its DICOMweb plugin),
+# send with dcmtk and validate SEGs with dicom3tools: install what is missing.
+SYSTEM_TOOLS := redis-server:redis-server Orthanc:orthanc \
+	/usr/share/orthanc/plugins/libOrthancDicomWeb.so:orthanc-dicomweb storescu:dcmtk \
+	dciodvfy:dicom3tools
+system-tools:
+	@missing=""; for pair in $(SYSTEM_TOOLS); do tool=$${pair%%:*}; package=$${pair#*:}; \
+		{ command -v $$tool >/dev/null 2>&1 || test -e $$tool; } || missing="$$missing $$package"; \
+	done; if [ -n "$$missing" ]; then $(SUDO) apt-get update -q && \
+		$(SUDO) apt-get install -y -q --no-install-recommends $$missing; fi
 
 # pytest exits 5 when it collects no tests: make treats any non-zero exit as failure.
-test: $(STAMP) redis
+test: $(STAMP) system-tools
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

@@ -145,3 +145,13 @@ HOME = "./var"
 # Model store: staging folders, tombstones and temporary files left by writers that were
 # killed are removed by the API's maintenance once this old (no write stages for this long).
 STORE_DEBRIS_AGE_S = 3600.0
+
+# PACS: the scanner headers a site key is derived from (sitefit.site_keys), in this order
+SITE_KEY_HEADERS = (
+    "Manufacturer",
+    "ManufacturerModelName",
+    "MagneticFieldStrength",
+    "StationName",
+    "DeviceSerialNumber",
+    "InstitutionName",
+)

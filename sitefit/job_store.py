@@ -5,10 +5,12 @@ Layout under ``$SITEFIT_HOME/jobs`` (one directory per job, named by its 32-hex 
     .incoming/ID/          an upload being received and validated (never seen by readers)
     ID/job.json            the request (JobRecord), written once when the job is published
     ID/scan.nii[.gz]       the input scan (a DICOM series is stored converted to NIfTI)
+    ID/dicom/              a DICOM series' source instances (the SEG references them)
     ID/reference.nii[.gz]  optional reference labels
     ID/progress.json       latest Progress (queued/running, stage, epoch, Dice trace)
     ID/mask.nii.gz         the result, on the input's grid
     ID/report.json         the result's Report
+    ID/seg.dcm             the result as a DICOM SEG (DICOM input only)
     ID/final.json          the terminal state (finished | failed | canceled), created once
 
 Every file is written to a hidden temporary name, fsynced and renamed into place, so a reader
@@ -51,6 +53,7 @@ from sitefit.settings import Settings
 INCOMING = ".incoming"
 RECORD, PROGRESS, FINAL = "job.json", "progress.json", "final.json"
 MASK, REPORT = "mask.nii.gz", "report.json"
+DICOM_DIR, SEG = "dicom", "seg.dcm"  # a DICOM job's source instances, and its DICOM SEG
 
 
 class JobStorageError(SitefitError):

@@ -42,6 +42,20 @@ class JobRecord(BaseModel):
     scan_file: str = Field(description="stored scan's file name (scan.nii or scan.nii.gz)")
     reference_file: str | None = None
     source_format: Literal["nifti", "dicom"] = "nifti"
+    origin: Literal["upload", "dimse", "stow"] = Field(
+        default="upload", description="how the scan arrived: REST upload, DIMSE or STOW-RS"
+    )
+    route: str | None = Field(default=None, description="the PACS route the series came by")
+    site_source: Literal["request", "route", "headers"] | None = Field(
+        default=None,
+        description="where the site came from: the request, the route, or the series' "
+        "scanner headers (a derived site key)",
+    )
+    destinations: tuple[str, ...] = Field(
+        default=(), description="where the job's DICOM SEG is sent when it finishes"
+    )
+    study_uid: str | None = Field(default=None, description="the source series' study")
+    series_uid: str | None = Field(default=None, description="the source series")
 
 
 class Progress(BaseModel):

@@ -11,6 +11,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sitefit import defaults
+from sitefit.routing import AnyDestination, Destination, Route, check_ae_title, check_routes
 
 BatchNormMode = Literal["train", "frozen"]
 StatisticsAverage = Literal["cumulative", "momentum"]  # worker.refinement.RefineConfig
@@ -169,6 +170,97 @@ class Settings(BaseSettings):
     maintenance_interval_s: float = Field(
         default=5.0, gt=0, description="How often the API reaps dead jobs and expired data."
     )
+
+    # --- PACS: DIMSE listener, DICOMweb, routes and destinations, DICOM SEG ---------------
+    # Read by `sitefit dicom-listener`, `sitefit serve` and the job; docs/pacs.md.
+    dicom_host: str = Field(default="127.0.0.1", description="Address the DIMSE listener binds.")
+    dicom_port: int = Field(default=11112, ge=1, le=65535, description="DIMSE listener port.")
+    dicom_ae_title: str = Field(
+        default="SITEFIT",
+        description="The listener's own AE title (C-ECHO, and series sent to no route's AE "
+        "title go to the route named 'default' if there is one); also our calling AE title "
+        "when sending results.",
+    )
+    dicom_allowed_callers: list[str] = Field(
+        default_factory=list,
+        description="Calling AE titles the listener accepts; empty: any caller, which "
+        "is only allowed while it binds to loopback.",
+    )
+    dicom_max_associations: int = Field(default=10, ge=1, le=1000)
+    dicom_max_series_instances: int = Field(
+        default=4096, ge=2, description="Instances one series may hold; more are refused."
+    )
+    dicom_max_series_bytes: int = Field(
+        default=2 * 1024**3, ge=1024, description="Bytes one series may hold; more is refused."
+    )
+    series_idle_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        description="A series is complete when no instance arrived for this long; then it "
+        "becomes one job.",
+    )
+    dicom_routes: dict[str, Route] = Field(
+        default_factory=dict,
+        description='JSON {"NAME": {"model": ..., "mode": ..., "site": ..., "ae_title": ..., '
+        '"destinations": [...]}}: what series sent to each route become (docs/pacs.md).',
+    )
+    dicom_destinations: dict[str, Destination] = Field(
+        default_factory=dict,
+        description='JSON {"NAME": {"kind": "dimse", "host", "port", "ae_title"} or {"kind": '
+        '"dicomweb", "url", "bearer_token" | "username" + "password"}}: where SEGs are sent.',
+    )
+    site_key_headers: list[str] = Field(
+        default_factory=lambda: list(defaults.SITE_KEY_HEADERS),
+        min_length=1,
+        description="DICOM keywords a series' site key is derived from, when its route fixes "
+        "no site.",
+    )
+    seg_omit_empty_frames: bool = Field(
+        default=False,
+        description="Leave frames without any segment out of the DICOM SEG (some viewers "
+        "misplace such SEGs: keep the default).",
+    )
+    delivery_attempts: int = Field(
+        default=6, ge=1, le=100, description="Tries to send a result before it is listed failed."
+    )
+    delivery_backoff_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="Wait before the second try; it doubles after each failure, up to 30 min.",
+    )
+    delivery_timeout_s: float = Field(
+        default=60.0, gt=0, le=3600, description="Network timeout of one try."
+    )
+
+    @field_validator("dicom_ae_title")
+    @classmethod
+    def _own_ae_title_ok(cls, value: str) -> str:
+        return check_ae_title(value)
+
+    @field_validator("dicom_allowed_callers")
+    @classmethod
+    def _callers_ok(cls, value: list[str]) -> list[str]:
+        return [check_ae_title(title) for title in value]
+
+    @model_validator(mode="after")
+    def _routes_consistent(self) -> Settings:
+        destinations: dict[str, AnyDestination] = dict(self.dicom_destinations)
+        check_routes(self.dicom_routes, destinations)
+        for name, route in self.dicom_routes.items():
+            if route.site is not None and not SITE_NAME.fullmatch(route.site):
+                raise ValueError(f"route {name!r}: invalid site name {route.site[:40]!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _refuse_open_dicom_listener(self) -> Settings:
+        if not self.dicom_allowed_callers and not is_loopback(self.dicom_host):
+            raise ValueError(
+                f"dicom_host {self.dicom_host!r} is not a loopback address and no calling AE "
+                "titles are allowed: set SITEFIT_DICOM_ALLOWED_CALLERS, or bind to 127.0.0.1"
+            )
+        return self
 
     @field_validator("redis_url")
     @classmethod
