@@ -1,10 +1,14 @@
-"""Checking an uploaded scan (and reference) before anything is queued, without torch.
+"""Checking a received scan (and reference) before anything is queued, without torch.
 
 NIfTI: the header is validated by :func:`sitefit.volume.read_header` (type, rank, voxel
 limit, geometry; for ``.nii``, that the file holds all its voxels). A ``.nii.gz`` is then
 inflated as a stream, in bounded steps, and never to more than the header says the file
 holds plus a small allowance: a truncated or corrupt stream is refused, and so is a gzip bomb,
-before it inflates past that bound. DICOM: the zip is converted to ``scan.nii.gz`` by
+before it inflates past that bound. Then the voxels are read as the worker will read them
+(:func:`sitefit.volume.load_scan`, at most ``max_voxels``), so that NaN, infinite or constant
+intensities are refused here, not after queueing. DICOM: a zip is extracted into the job's
+``dicom/`` directory (the job keeps its source instances: the SEG references them) and that
+directory, or one received from a PACS, is converted to ``scan.nii.gz`` by
 :mod:`sitefit.dicom`, which refuses what it cannot read. A reference must be NIfTI on the
 scan's voxel grid.
 """
@@ -20,9 +24,10 @@ from typing import Literal
 import numpy as np
 
 from server.uploads import StoredFile
-from sitefit.dicom import series_zip_to_nifti
+from sitefit.dicom import DicomVolume, extract_series_zip, series_dir_to_nifti
 from sitefit.exceptions import VolumeContentError, VolumeReadError
-from sitefit.volume import AFFINE_TOLERANCE_MM, SourceGeometry, read_header
+from sitefit.job_store import DICOM_DIR
+from sitefit.volume import AFFINE_TOLERANCE_MM, SourceGeometry, load_scan, read_header
 
 TRAILING_ALLOWANCE = 16 * 2**20  # bytes after the voxel data that a reader tolerates
 _CHUNK = 2**20
@@ -31,9 +36,16 @@ _GZIP_MAGIC = b"\x1f\x8b"
 
 @dataclass(frozen=True)
 class CheckedScan:
+    """A scan fit to queue: its file in the staging directory and its header's geometry.
+
+    ``dicom`` is the series read, for a DICOM scan (study and series UIDs, one instance's
+    header; it holds the volume too, so keep it no longer than the request).
+    """
+
     file_name: str
     geometry: SourceGeometry
     source_format: Literal["nifti", "dicom"]
+    dicom: DicomVolume | None = None
 
 
 def check_gzip_stream(path: Path, geometry: SourceGeometry) -> None:
@@ -79,16 +91,26 @@ def check_gzip_stream(path: Path, geometry: SourceGeometry) -> None:
 
 
 def check_scan(stored: StoredFile, staging: Path, max_voxels: int) -> CheckedScan:
-    """Validate the uploaded scan; a DICOM zip is converted to ``scan.nii.gz``."""
+    """Validate the uploaded scan; a DICOM zip is extracted into ``staging / DICOM_DIR``
+    (and deleted) and converted to ``scan.nii.gz`` (:func:`check_series_dir`)."""
     if stored.suffix == ".zip":
-        out = staging / "scan.nii.gz"
-        series_zip_to_nifti(stored.path, out, max_voxels)
+        directory = staging / DICOM_DIR
+        extract_series_zip(stored.path, directory, max_voxels)
         stored.path.unlink()
-        return CheckedScan(out.name, read_header(out, max_voxels), "dicom")
+        return check_series_dir(directory, staging, max_voxels)
     geometry = read_header(stored.path, max_voxels)
     if stored.suffix == ".nii.gz":
         check_gzip_stream(stored.path, geometry)
+    load_scan(stored.path, max_voxels)  # the worker's own read: its content checks, now
     return CheckedScan(stored.path.name, geometry, "nifti")
+
+
+def check_series_dir(directory: Path, staging: Path, max_voxels: int) -> CheckedScan:
+    """Validate the DICOM series in ``directory`` (its instance files) and convert it to
+    ``staging / "scan.nii.gz"``; the instances stay where they are."""
+    out = staging / "scan.nii.gz"
+    volume = series_dir_to_nifti(directory, out, max_voxels)
+    return CheckedScan(out.name, read_header(out, max_voxels), "dicom", dicom=volume)
 
 
 def check_reference(stored: StoredFile, scan: SourceGeometry, max_voxels: int) -> str:

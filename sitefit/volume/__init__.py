@@ -2,9 +2,11 @@
 
 Scans are single-file NIfTI-1 or NIfTI-2 (``.nii``/``.nii.gz``). :func:`read_header`
 validates a file from its header alone (the server's upload check); :func:`load_scan` reads
-the voxels into canonical (RAS+) voxel order; :func:`mask_to_image` maps a canonical mask back
-onto the input's exact grid and :func:`save_image_atomic` writes it. Canonicalisation only permutes
-and flips axes (no resampling), so the way back is exact for oblique and non-RAS inputs.
+the voxels into canonical (RAS+) voxel order, refusing intensities no model can use
+(:func:`check_intensities`, which the DICOM reader applies too); :func:`mask_to_image` maps a
+canonical mask back onto the input's exact grid and :func:`save_image_atomic` writes it.
+Canonicalisation only permutes and flips axes (no resampling), so the way back is exact for
+oblique and non-RAS inputs.
 
 Errors are :class:`~sitefit.exceptions.VolumeReadError` (the file cannot be read) and
 :class:`~sitefit.exceptions.VolumeContentError` (it was read but is unusable), each with one
@@ -17,6 +19,7 @@ from sitefit.volume.header import MAX_DATA_OFFSET, SourceGeometry, read_header
 from sitefit.volume.nifti import (
     AFFINE_TOLERANCE_MM,
     Scan,
+    check_intensities,
     load_label_map,
     load_scan,
     mask_to_image,
@@ -28,6 +31,7 @@ __all__ = [
     "MAX_DATA_OFFSET",
     "Scan",
     "SourceGeometry",
+    "check_intensities",
     "from_slices",
     "load_label_map",
     "load_scan",

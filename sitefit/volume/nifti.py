@@ -103,7 +103,9 @@ def _count(number: int, what: str) -> str:
     return f"{number:,} {what} voxel" + ("" if number == 1 else "s")
 
 
-def _check_intensities(data: npt.NDArray[np.float32], name: str) -> None:
+def check_intensities(data: npt.NDArray[np.float32], name: str) -> None:
+    """Refuse a scan's intensities that no model can use (VolumeContentError, one line that
+    starts with ``name``): NaN or infinite voxels, or every voxel one value (no contrast)."""
     finite = np.isfinite(data)
     if not finite.all():
         n_nan = int(np.count_nonzero(np.isnan(data)))
@@ -136,7 +138,7 @@ def load_scan(path: Path, max_voxels: int) -> Scan:
         if scaling is not None:
             data *= np.float32(scaling[0])
             data += np.float32(scaling[1])
-    _check_intensities(data, source.name)
+    check_intensities(data, source.name)
     canonical = np.ascontiguousarray(
         orientations.apply_orientation(data, source.orientation), np.float32
     )

@@ -10,6 +10,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
+import numpy as np
 import pytest
 import redis
 from fastapi.testclient import TestClient
@@ -20,6 +22,7 @@ from tests.server.helpers import client, make_home, service_settings
 from tests.server.payloads import (
     dicom_slices,
     gzip_bomb,
+    gzip_of,
     huge_header_nifti,
     nifti_bytes,
     structured_report,
@@ -51,9 +54,25 @@ def _zip_of(tmp_path: Path, members: list[tuple[str, bytes]]) -> bytes:
 
 
 def _slices() -> list[bytes]:
-    import numpy as np
-
     return dicom_slices(np.arange(4 * 4 * 3).reshape(4, 4, 3) * 1.0, np.eye(4))
+
+
+def _nifti_of(data: np.ndarray) -> bytes:
+    return bytes(nib.Nifti1Image(data.astype(np.float32), np.eye(4)).to_bytes())
+
+
+def _one_voxel(value: float) -> np.ndarray:
+    data = np.arange(8 * 8 * 8, dtype=np.float32).reshape(8, 8, 8)
+    data[3, 4, 5] = value
+    return data
+
+
+# scans the header check passes but no model can use: refused before queueing, not by the worker
+_BAD_VOXELS = {
+    "NaN voxel": (_one_voxel(np.nan), "found 1 NaN voxel"),
+    "infinite voxel": (_one_voxel(np.inf), "found 1 infinite voxel"),
+    "constant voxels": (np.full((8, 8, 8), 3.0), "every voxel has the value 3"),
+}
 
 
 CASES: dict[str, tuple[Callable[[Path, PhantomCase], tuple[str, bytes]], dict[str, str], int, str]]
@@ -105,7 +124,7 @@ CASES = {
         ),
         {},
         422,
-        "member #1 has no Rows",
+        "instance #1 has no Rows",
     ),
     "non-numeric RescaleSlope in DICOM": (
         lambda t, c: (
@@ -120,7 +139,22 @@ CASES = {
         ),
         {},
         422,
-        "member #2 has no valid RescaleSlope",
+        "instance #2 has no valid RescaleSlope",
+    ),
+    "constant DICOM series": (
+        lambda t, c: (
+            "series.zip",
+            _zip_of(
+                t,
+                [
+                    (f"{i}.dcm", s)
+                    for i, s in enumerate(dicom_slices(np.full((4, 4, 3), 5.0), np.eye(4)))
+                ],
+            ),
+        ),
+        {},
+        422,
+        "DICOM series: every voxel has the value 5",
     ),
     "not a zip": (lambda t, c: ("series.zip", b"PK but not really"), {}, 422, "not a readable zip"),
     "wrong file type": (lambda t, c: ("scan.png", b"\x89PNG"), {}, 415, "unsupported file type"),
@@ -149,6 +183,16 @@ CASES = {
         "unexpected part",
     ),
 }
+
+
+for _what, (_data, _reason) in _BAD_VOXELS.items():
+    CASES[f"{_what} (.nii)"] = (lambda t, c, d=_data: ("scan.nii", _nifti_of(d)), {}, 422, _reason)
+    CASES[f"{_what} (.nii.gz)"] = (
+        lambda t, c, d=_data: ("scan.nii.gz", gzip_of(_nifti_of(d))),
+        {},
+        422,
+        _reason,
+    )
 
 
 def _assert_nothing_queued(home: Path, redis_url: str) -> None:

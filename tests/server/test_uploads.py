@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import stat
+import zipfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 
 from server.errors import MalformedRequestError, PayloadTooLargeError
 from server.uploads import Upload, receive
-from sitefit.job_store import JOB_FILE_MODE, JobStorageError
+from sitefit.job_store import DICOM_DIR, JOB_FILE_MODE, JobStorageError
 from tests.conftest import PhantomCase
 from tests.server.helpers import client, service_settings, upload, wait_for_status
 from tests.server.payloads import nifti_to_dicom_zip
@@ -108,3 +109,11 @@ def test_a_jobs_scan_mask_and_directory_are_not_world_readable(
         job = service_home / "jobs" / job_id
         for path in (job, job / "scan.nii.gz", job / "mask.nii.gz", job / "job.json"):
             assert path.stat().st_mode & 0o007 == 0, f"{path.name}: {path.stat().st_mode:o}"
+    # the DICOM job keeps its source instances (a SEG references them), not the zip
+    dicom_job = service_home / "jobs" / ids[1]
+    instances = sorted((dicom_job / DICOM_DIR).iterdir())
+    slices = zipfile.ZipFile(zipped).namelist()
+    assert [p.name for p in instances] == [f"{i:04d}.dcm" for i in range(1, len(slices) + 1)]
+    for path in (dicom_job / DICOM_DIR, *instances):
+        assert path.stat().st_mode & 0o007 == 0, f"{path.name}: {path.stat().st_mode:o}"
+    assert not (dicom_job / "scan.zip").exists()
