@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint typecheck bench-quality clean system-tools
+.PHONY: run test lint typecheck bench-quality clean system-tools images
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,10 +28,11 @@ run: $(STAMP)
 	$(BIN)/sitefit serve
 
 # The integration tests start a private redis-server and Orthanc (with its DICOMweb plugin),
-# send with dcmtk and validate SEGs with dicom3tools: install what is missing.
+# send with dcmtk and validate SEGs with dicom3tools; the deploy tests validate docker-compose.yml
+# and the Prometheus config (promtool comes with Debian's prometheus): install what is missing.
 SYSTEM_TOOLS := redis-server:redis-server Orthanc:orthanc \
 	/usr/share/orthanc/plugins/libOrthancDicomWeb.so:orthanc-dicomweb storescu:dcmtk \
-	dciodvfy:dicom3tools
+	dciodvfy:dicom3tools docker-compose:docker-compose promtool:prometheus
 system-tools:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do tool=$${pair%%:*}; package=$${pair#*:}; \
 		{ command -v $$tool >/dev/null 2>&1 || test -e $$tool; } || missing="$$missing $$package"; \
@@ -48,6 +49,15 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
+
+# Builds the API and worker images with podman from a local Debian base (no registry needed)
+# and smoke-tests them inside with buildah (docker/build_images.py). Not part of `make test`.
+images: $(STAMP)
+	@missing=""; for tool in podman buildah mmdebstrap redis-server; do \
+		command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then $(SUDO) apt-get update -q && \
+		$(SUDO) apt-get install -y -q $$missing; fi
+	$(BIN)/python docker/build_images.py $(if $(TORCH_INDEX),--torch-index $(TORCH_INDEX))
 
 bench-quality: $(STAMP)
 	$(BIN)/python bench/adapt_quality.py
