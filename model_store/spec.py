@@ -6,7 +6,10 @@ import re
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from sitefit.codes import Code, missing_code
+from sitefit.exceptions import InvalidInputError
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -61,6 +64,11 @@ class ModelSpec(BaseModel):
     created: datetime
     sitefit_version: str
     classes: dict[int, str] = Field(description="label value -> class name, 0 is background")
+    # specs stored before codes existed have none: their SEGs use sitefit.codes' defaults
+    codes: dict[int, Code] = Field(
+        default_factory=dict,
+        description="foreground label value -> the coded concept (SNOMED CT) of its class",
+    )
     architecture: Architecture
     slice_axis: int = Field(ge=0, le=2, description="canonical (RAS) axis the 2D model slices")
     normalization: Literal["minmax"] = "minmax"
@@ -72,6 +80,24 @@ class ModelSpec(BaseModel):
     @classmethod
     def _name_ok(cls, value: str) -> str:
         return check_name("model", value)
+
+    @model_validator(mode="after")
+    def _codes_name_classes(self) -> ModelSpec:
+        strays = sorted(set(self.codes) - set(self.foreground))
+        if strays:
+            raise ValueError(f"codes given for label {strays[0]}, which is not a foreground class")
+        return self
+
+    def require_codes(self) -> ModelSpec:
+        """This spec, if every foreground class has a code (new models must); otherwise
+        ``InvalidInputError`` naming the first class without one."""
+        reason = missing_code(self.classes, self.codes)
+        if reason is not None:
+            raise InvalidInputError(
+                f"model {self.name}: {reason}: add its SNOMED CT concept (scheme, value, "
+                'meaning) to the spec\'s "codes"'
+            )
+        return self
 
     @property
     def ref(self) -> str:

@@ -4,8 +4,12 @@ Everything the routes need is built here from the settings passed in (no module 
 tests create as many apps as they like. The lifespan starts the job queue (Redis, or the
 embedded worker thread when ``settings.redis_url`` is unset) and a maintenance loop that,
 every ``maintenance_interval_s``, deletes expired job data, reconciles the store with the
-queue (jobs of dead workers) and removes what killed writers left in the model store. This
-package never imports torch; the embedded worker thread imports the engine when it starts.
+queue (jobs of dead workers) and removes what killed writers left in the model store. Two
+PACS loops run beside it: the dispatcher turns complete series that a PACS sent into jobs
+(:mod:`server.dispatch`), and the delivery loop sends finished jobs' DICOM SEGs to their
+routes' destinations (:mod:`server.delivery`); each runs its blocking work in a thread, so
+a slow PACS never holds up the API. This package never imports torch; the embedded worker
+thread imports the engine when it starts.
 """
 
 from __future__ import annotations
@@ -13,21 +17,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
 import sitefit
+from server.delivery import deliver_due
 from server.errors import install_error_handlers
 from server.metrics import MetricsMiddleware
 from server.queues import JobQueue
-from server.routes import jobs, models, ops, sites
+from server.routes import deliveries, dicomweb, jobs, models, ops, sites
 from server.services import Services
 from sitefit import defaults
 from sitefit.settings import Settings
 
 log = logging.getLogger("sitefit.server")
+
+PACS_INTERVAL_S = 1.0  # how often complete series and due deliveries are looked for
 
 
 def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
@@ -37,13 +44,19 @@ def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(services.queue.start)
-        task = asyncio.create_task(_maintain_forever(services))
+        tasks = [
+            asyncio.create_task(_maintain_forever(services)),
+            asyncio.create_task(_every(PACS_INTERVAL_S, "PACS dispatch", dispatch_once, services)),
+            asyncio.create_task(_every(PACS_INTERVAL_S, "PACS delivery", deliver_once, services)),
+        ]
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await run_in_threadpool(services.queue.stop)
 
     app = FastAPI(
@@ -55,7 +68,7 @@ def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
     app.state.services = services
     install_error_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=services.metrics)
-    for module in (jobs, models, sites, ops):
+    for module in (jobs, models, sites, deliveries, dicomweb, ops):
         app.include_router(module.router)
     return app
 
@@ -82,9 +95,35 @@ def maintain_once(services: Services) -> None:
             log.info("model store: removed %d leftover(s) of interrupted writes", swept)
     except Exception as error:  # e.g. storage unreachable: try again next time
         log.warning("model store sweep failed: %s: %s", type(error).__name__, error)
+    try:
+        services.deliveries.sweep()
+    except Exception as error:  # e.g. storage unreachable: try again next time
+        log.warning("delivery sweep failed: %s: %s", type(error).__name__, error)
+
+
+def dispatch_once(services: Services) -> None:
+    """Complete PACS series become jobs (one pass)."""
+    services.dispatcher.dispatch_once()
+
+
+def deliver_once(services: Services) -> None:
+    """Due deliveries of results to the PACS (one pass)."""
+    deliver_due(services.deliveries, services.store, services.settings, services.delivery_metrics)
 
 
 async def _maintain_forever(services: Services) -> None:
     while True:
         await run_in_threadpool(maintain_once, services)
         await asyncio.sleep(services.settings.maintenance_interval_s)
+
+
+async def _every(
+    interval_s: float, what: str, work: Callable[[Services], None], services: Services
+) -> None:
+    """Run ``work`` in a thread every ``interval_s``; a failed pass is logged and retried."""
+    while True:
+        try:
+            await run_in_threadpool(work, services)
+        except Exception as error:  # e.g. storage unreachable: try again next time
+            log.warning("%s pass failed: %s: %s", what, type(error).__name__, error)
+        await asyncio.sleep(interval_s)

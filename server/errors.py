@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 
+from sitefit.deliveries import DeliveryNotFoundError, DeliveryStateError
 from sitefit.exceptions import (
     DeviceUnavailableError,
     InvalidInputError,
@@ -61,6 +62,14 @@ class ResultNotReadyError(SitefitError):
     """The job has no mask or report (yet, or because it failed)."""
 
 
+class NoSuchResultError(SitefitError):
+    """The job will never have that result (the DICOM SEG of a job whose input was NIfTI)."""
+
+
+class RouteNotFoundError(SitefitError):
+    """No PACS route of that name is configured."""
+
+
 class QueueUnavailableError(SitefitError):
     """The job queue (Redis, or the embedded worker) cannot take jobs right now."""
 
@@ -70,6 +79,10 @@ _STATUS: list[tuple[type[BaseException], int]] = [
     (ForbiddenError, 403),
     (JobNotFoundError, 404),
     (SiteNotFoundError, 404),
+    (DeliveryNotFoundError, 404),
+    (DeliveryStateError, 409),
+    (RouteNotFoundError, 404),
+    (NoSuchResultError, 404),
     (ResultNotReadyError, 409),
     (PayloadTooLargeError, 413),
     (UnsupportedMediaTypeError, 415),

@@ -6,6 +6,10 @@
 - ``sitefit_jobs_submitted_total{mode}``: jobs accepted by ``POST /v1/jobs``.
 - ``sitefit_jobs{status, mode}``: jobs held in the job store, by status, read at scrape time.
 - ``sitefit_queue_depth``: jobs waiting to start (absent while the queue is unreachable).
+- ``sitefit_deliveries_total{destination, outcome}``: tries to send results to PACS
+  destinations (outcome ``delivered``, ``retry``, ``failed``, ``dropped``), and
+  ``sitefit_deliveries_failed``: the dead-letter list's size, read at scrape time
+  (:class:`DeliveryMetrics`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from sitefit.deliveries import DeliveryStore
 from sitefit.job_store import JobStorageError, JobStore
 from sitefit.jobs import JobNotFoundError
 
@@ -78,6 +83,36 @@ class _StoreCollector(Collector):
         depth = self.depth()
         if depth is not None:
             yield GaugeMetricFamily("sitefit_queue_depth", "Jobs waiting to start.", value=depth)
+
+
+class DeliveryMetrics:
+    """Metrics of sending results to PACS destinations (labels: configured names only)."""
+
+    def __init__(self, registry: CollectorRegistry, deliveries: DeliveryStore) -> None:
+        self.outcomes = Counter(
+            "sitefit_deliveries",
+            "Deliveries of results to PACS destinations, by destination and outcome "
+            "(delivered, retry, failed, dropped).",
+            ["destination", "outcome"],
+            registry=registry,
+        )
+        registry.register(_DeliveryCollector(deliveries))
+
+
+class _DeliveryCollector(Collector):
+    def __init__(self, deliveries: DeliveryStore) -> None:
+        self.deliveries = deliveries
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            failed = self.deliveries.count("failed")
+        except JobStorageError:
+            return  # storage unreachable: no value rather than a wrong one
+        yield GaugeMetricFamily(
+            "sitefit_deliveries_failed",
+            "Deliveries that used all their tries (the dead-letter list).",
+            value=failed,
+        )
 
 
 class MetricsMiddleware:

@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 from model_store.base_models import UnreadableModel
 from model_store.sites import SiteVersion, UnreadableVersion
 from model_store.spec import ModelSpec
+from sitefit.deliveries import Delivery, DeliveryStatus
 from sitefit.jobs import JobState, JobStatus
 from sitefit.report import Mode, Report
 
@@ -22,11 +23,15 @@ class JobLinks(BaseModel):
     self: str = Field(description="this job's status")
     mask: str = Field(description="the mask (NIfTI, the input's grid), once finished")
     report: str = Field(description="the report (JSON), once finished")
+    seg: str | None = Field(
+        default=None, description="the DICOM SEG, once finished (a DICOM series' job only)"
+    )
 
     @classmethod
-    def of(cls, job_id: str) -> JobLinks:
+    def of(cls, job_id: str, *, dicom: bool = False) -> JobLinks:
         base = f"/v1/jobs/{job_id}"
-        return cls(self=base, mask=f"{base}/mask", report=f"{base}/report")
+        seg = f"{base}/seg" if dicom else None
+        return cls(self=base, mask=f"{base}/mask", report=f"{base}/report", seg=seg)
 
 
 class JobCreated(BaseModel):
@@ -52,6 +57,13 @@ class JobView(BaseModel):
     site: str | None
     mode: Mode
     source_format: Literal["nifti", "dicom"]
+    origin: Literal["upload", "pacs"] = Field(description="a REST upload, or a series a PACS sent")
+    route: str | None = Field(default=None, description="the PACS route the series came by")
+    site_source: Literal["request", "route", "headers"] | None = Field(
+        default=None,
+        description="where the site came from: the request, the route, or the series' scanner "
+        "headers (a derived site key)",
+    )
     created_at: datetime
     ended_at: datetime | None
     progress: JobProgress
@@ -69,6 +81,9 @@ class JobView(BaseModel):
             site=record.site,
             mode=record.mode,
             source_format=record.source_format,
+            origin=record.origin,
+            route=record.route,
+            site_source=record.site_source,
             created_at=_time(record.created_at),
             ended_at=_time(state.ended_at) if state.ended_at is not None else None,
             progress=JobProgress(
@@ -80,8 +95,15 @@ class JobView(BaseModel):
             ),
             report=report,
             error=state.error,
-            links=JobLinks.of(record.id),
+            links=JobLinks.of(record.id, dicom=record.source_format == "dicom"),
         )
+
+
+class JobList(BaseModel):
+    jobs: list[JobView] = Field(description="newest first; without their reports")
+    total: int = Field(description="jobs that match, on every page")
+    limit: int
+    offset: int
 
 
 class JobDeleted(BaseModel):
@@ -160,3 +182,40 @@ class Readiness(BaseModel):
 
 def _time(unix: float) -> datetime:
     return datetime.fromtimestamp(unix, UTC)
+
+
+class DeliveryView(BaseModel):
+    """A finished job's DICOM SEG on its way to one PACS destination."""
+
+    id: str
+    job_id: str
+    destination: str = Field(description="the destination's name in SITEFIT_DICOM_DESTINATIONS")
+    status: DeliveryStatus = Field(
+        description="pending (waiting for the job or the next try) | delivered | failed (every "
+        "try failed: resend it) | dropped (the job failed, was canceled or is gone)"
+    )
+    attempts: int = Field(description="failed tries since created or resent")
+    next_try_at: datetime | None = Field(description="when pending: the next try's time")
+    created_at: datetime
+    updated_at: datetime
+    delivered_at: datetime | None
+    last_error: str | None = Field(description="why the last try failed, or why it was dropped")
+
+    @classmethod
+    def of(cls, delivery: Delivery) -> DeliveryView:
+        return cls(
+            id=delivery.id,
+            job_id=delivery.job_id,
+            destination=delivery.destination,
+            status=delivery.status,
+            attempts=delivery.attempts,
+            next_try_at=_time(delivery.next_try_at) if delivery.status == "pending" else None,
+            created_at=_time(delivery.created_at),
+            updated_at=_time(delivery.updated_at),
+            delivered_at=_time(delivery.delivered_at) if delivery.delivered_at else None,
+            last_error=delivery.last_error,
+        )
+
+
+class DeliveryList(BaseModel):
+    deliveries: list[DeliveryView] = Field(description="newest first")

@@ -139,6 +139,7 @@ SURFACE_TOLERANCE_MM = 1.0  # surface Dice tolerance (paper §3.1)
 # Input limits: refuse volumes that would exhaust memory before reading them.
 MAX_VOXELS = 512 * 512 * 512
 MIN_SPATIAL_SIZE = 2
+MAX_SERIES_INSTANCES = 4096  # instances (slices) of one DICOM series, at most
 
 HOME = "./var"
 

@@ -61,14 +61,14 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 
-from sitefit.defaults import MIN_SPATIAL_SIZE
+from sitefit.defaults import MAX_SERIES_INSTANCES, MIN_SPATIAL_SIZE
 from sitefit.durable import atomic_path
 from sitefit.exceptions import InvalidInputError, SitefitError
 from sitefit.job_store import JOB_DIR_MODE, JOB_FILE_MODE, storage_error
 from sitefit.volume import check_intensities, save_image_atomic
 from sitefit.volume.header import nib
 
-MAX_INSTANCES = 4096
+MAX_INSTANCES = MAX_SERIES_INSTANCES
 HEADER_ALLOWANCE = 1024 * 1024  # bytes of DICOM header allowed per slice besides pixel data
 MAX_PIXEL_BYTES = 4  # bytes per stored sample, at most
 SERIES = "DICOM series"  # how messages and the intensity check name the series
@@ -136,6 +136,7 @@ class _Slice:
     shape: tuple[int, int]
     series: str
     study: str
+    expected: int | None  # ImagesInAcquisition, when the instance states it
 
 
 def _refuse(message: str) -> InvalidInputError:
@@ -408,6 +409,8 @@ def _slice_header(dataset: Dataset, number: int, path: Path) -> _Slice:
     spacing = _floats(dataset, "PixelSpacing", 2, number)
     if min(spacing) <= 0:
         raise _refuse(f"instance #{number}: PixelSpacing must be positive")
+    # required of MR and CT images, and the DICOM SEG of the result is placed in this frame
+    _header_value(dataset, "FrameOfReferenceUID", number, str, "a UID (the frame of reference)")
     return _Slice(
         number=number,
         path=path,
@@ -417,6 +420,8 @@ def _slice_header(dataset: Dataset, number: int, path: Path) -> _Slice:
         shape=(rows, columns),
         series=_header_value(dataset, "SeriesInstanceUID", number, str, "a UID", ""),
         study=_header_value(dataset, "StudyInstanceUID", number, str, "a UID", ""),
+        expected=_header_value(dataset, "ImagesInAcquisition", number, _integer, "an integer", 0)
+        or None,
     )
 
 
@@ -434,6 +439,13 @@ def _sorted_series(slices: list[_Slice], max_voxels: int) -> list[_Slice]:
             raise _refuse(f"instance #{other.number} has another pixel spacing")
     if len(slices) < MIN_SPATIAL_SIZE:
         raise _refuse(f"{len(slices)} slice; expected at least {MIN_SPATIAL_SIZE}")
+    stated = {item.expected for item in slices if item.expected is not None}
+    if len(stated) == 1 and (expected := stated.pop()) > len(slices):
+        # a series cut off at its start or end is evenly spaced: only its count tells
+        raise _refuse(
+            f"series is incomplete: {len(slices)} of the {expected} images its instances "
+            "state (ImagesInAcquisition); expected the whole series"
+        )
     voxels = len(slices) * first.shape[0] * first.shape[1]
     if voxels > max_voxels:
         raise _refuse(f"series has {voxels:,} voxels; expected at most {max_voxels:,}")

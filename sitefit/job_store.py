@@ -91,6 +91,15 @@ def _write_atomic(path: Path, data: bytes, *, exclusive: bool = False) -> bool:
     return True
 
 
+def _remove(path: Path) -> None:
+    """Remove a job's file or folder (a DICOM job's ``dicom/``); what is gone already is fine."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
 class Final(BaseModel):
     """``final.json``: how the job ended."""
 
@@ -270,8 +279,7 @@ class JobStore:
             with contextlib.suppress(OSError):
                 for name in os.listdir(self.job_dir(job_id)):
                     if name not in (RECORD, FINAL):
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(self.job_dir(job_id) / name)
+                        _remove(self.job_dir(job_id) / name)
             return "canceled"
         final = self._final(job_id)
         self.delete(job_id)

@@ -42,8 +42,10 @@ class JobRecord(BaseModel):
     scan_file: str = Field(description="stored scan's file name (scan.nii or scan.nii.gz)")
     reference_file: str | None = None
     source_format: Literal["nifti", "dicom"] = "nifti"
-    origin: Literal["upload", "dimse", "stow"] = Field(
-        default="upload", description="how the scan arrived: REST upload, DIMSE or STOW-RS"
+    origin: Literal["upload", "pacs"] = Field(
+        default="upload",
+        description="how the scan arrived: a REST upload, or a series a PACS sent to a route "
+        "(DIMSE C-STORE or DICOMweb STOW-RS)",
     )
     route: str | None = Field(default=None, description="the PACS route the series came by")
     site_source: Literal["request", "route", "headers"] | None = Field(

@@ -188,7 +188,10 @@ class Settings(BaseSettings):
     )
     dicom_max_associations: int = Field(default=10, ge=1, le=1000)
     dicom_max_series_instances: int = Field(
-        default=4096, ge=2, description="Instances one series may hold; more are refused."
+        default=defaults.MAX_SERIES_INSTANCES,
+        ge=2,
+        le=defaults.MAX_SERIES_INSTANCES,
+        description="Instances one series may hold; more are refused.",
     )
     dicom_max_series_bytes: int = Field(
         default=2 * 1024**3, ge=1024, description="Bytes one series may hold; more is refused."

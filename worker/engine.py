@@ -82,6 +82,8 @@ ProgressCallback = Callable[[Progress], None]
 class SegmentResult:
     report: Report
     mask: nib.Nifti1Image
+    spec: ModelSpec  # the model that ran: its classes and codes name a DICOM SEG's segments
+    seg_omit_empty_frames: bool = False  # Settings.seg_omit_empty_frames, for that SEG
 
 
 @dataclass(frozen=True)
@@ -226,7 +228,8 @@ class Engine:
             sitefit_version=sitefit.__version__,
         )
         notify(Progress("done"))
-        return SegmentResult(report=report, mask=mask)
+        return SegmentResult(report=report, mask=mask, spec=spec,
+                             seg_omit_empty_frames=self.settings.seg_omit_empty_frames)  # fmt: skip
 
     def _site_model(
         self, request: SegmentRequest, spec: ModelSpec, warnings: list[str]

@@ -8,8 +8,9 @@ reads it, and is also where cancellation and the time limit are noticed: a job w
 terminal state was claimed by someone else (``DELETE``) stops with :class:`JobCanceled`, one
 past its deadline fails with :class:`JobTimedOut`.
 
-Outcomes: ``finished`` (mask and report stored), ``failed`` (the error's one-line message
-stored; caller errors and engine errors alike), ``canceled`` (stopped, results discarded) or
+Outcomes: ``finished`` (mask and report stored, and for a DICOM series its DICOM SEG),
+``failed`` (the error's one-line message stored; caller errors and engine errors alike, a SEG
+that cannot be built included), ``canceled`` (stopped, results discarded) or
 ``skipped`` (the job had already ended or was deleted before it started). Unexpected
 exceptions are recorded as failed and re-raised so the worker logs the traceback.
 """
@@ -24,9 +25,10 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from sitefit.exceptions import SitefitError
-from sitefit.job_store import JOB_FILE_MODE, MASK, REPORT, JobStore
+from sitefit.job_store import DICOM_DIR, JOB_FILE_MODE, MASK, REPORT, SEG, JobStore, storage_error
 from sitefit.jobs import JobNotFoundError, JobRecord, Progress
 from sitefit.report import Report
+from sitefit.seg import SegDescription, segments_of, write_seg
 from sitefit.volume import save_image_atomic
 from worker.engine import Progress as EngineProgress
 from worker.engine import ProgressCallback, SegmentRequest, SegmentResult
@@ -125,6 +127,8 @@ def run_job(
         if store.is_ended(job_id):  # another attempt finished, or the job was canceled
             raise JobCanceled(job_id)
         save_image_atomic(result.mask, store.path(job_id, MASK), mode=JOB_FILE_MODE)
+        if record.source_format == "dicom":
+            _write_seg(store, job_id, result)
         store.write_result(job_id, REPORT, result.report.model_dump_json(indent=2).encode())
         report = result.report
         outcome: Outcome = "finished" if store.end(job_id, "finished") else "canceled"
@@ -144,6 +148,26 @@ def run_job(
     return outcome
 
 
+def _write_seg(store: JobStore, job_id: str, result: SegmentResult) -> None:
+    """The DICOM SEG of a DICOM job's mask, referencing the source instances kept in its
+    ``dicom/`` folder (a job without them, stored before they were kept, has none). A SEG that
+    cannot be built fails the job: its mask is discarded with it, so no job finishes half."""
+    source = store.path(job_id, DICOM_DIR)
+    if not source.is_dir():
+        log.info("job %s: no source instances kept, so no DICOM SEG", job_id)
+        return
+    spec = result.spec
+    try:
+        seg = write_seg(result.mask, source, segments_of(spec.classes, spec.codes),
+                        store.path(job_id, SEG), description=SegDescription.of(result.report),
+                        omit_empty_frames=result.seg_omit_empty_frames)  # fmt: skip
+    except FileNotFoundError:
+        raise JobNotFoundError(f"job {job_id} was deleted") from None
+    except OSError as error:
+        raise storage_error("write the DICOM SEG", error) from None
+    log.info("job %s: DICOM SEG written (%d frames)", job_id, seg.NumberOfFrames)
+
+
 def _fail(store: JobStore, job_id: str, reason: str) -> Outcome:
     try:
         ended = store.end(job_id, "failed", reason)
@@ -157,13 +181,13 @@ def _fail(store: JobStore, job_id: str, reason: str) -> Outcome:
 
 
 def _discard_results(store: JobStore, job_id: str) -> None:
-    """Remove this attempt's mask and report from a job it did not finish, unless another
+    """Remove this attempt's mask, SEG and report from a job it did not finish, unless another
     attempt finished it: the files are that attempt's (or as good), and its job reads
     finished."""
     with contextlib.suppress(SitefitError):
         if store.state(job_id).status == "finished":
             return
-    for name in (MASK, REPORT):
+    for name in (MASK, SEG, REPORT):
         with contextlib.suppress(OSError, SitefitError):
             store.path(job_id, name).unlink(missing_ok=True)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -17,10 +18,11 @@ import sitefit
 from model_store.base_models import BaseModelRegistry
 from model_store.spec import ModelSpec, TrainingInfo, Validation, check_name
 from sitefit import defaults
+from sitefit.codes import Code, codes_from_dataset
 from sitefit.exceptions import InvalidInputError
 from worker.augmentation import augment_intensity
 from worker.batchnorm import is_running_statistic
-from worker.dataset import Slices, load_slices, read_dataset
+from worker.dataset import Dataset, Slices, load_slices, read_dataset
 from worker.inference import foreground_dice, predict
 from worker.nets import NetConfig, SegmentationNet, supervised_loss
 from worker.refinement import scan_statistics
@@ -83,7 +85,8 @@ def train_base_model(
     device: torch.device,
     log: Log = print,
 ) -> ModelSpec:
-    """Train on an nnU-Net v2 raw dataset and register the result as ``name``'s next version."""
+    """Train on an nnU-Net v2 raw dataset and register the result as ``name``'s next version
+    (its spec carries each class's code: :func:`class_codes`)."""
     try:
         check_name("model", name)
     except ValueError as error:
@@ -91,6 +94,7 @@ def train_base_model(
     started = time.perf_counter()
     generator = seed_everything(config.seed)
     dataset = read_dataset(dataset_dir)
+    codes = class_codes(dataset)  # before training: a class without a code wastes no run
     cases = list(dataset.cases)
     random.Random(config.seed).shuffle(cases)
     n_val = round(len(cases) * config.validation_fraction) if len(cases) > 1 else 0
@@ -137,6 +141,7 @@ def train_base_model(
         created=datetime.now(UTC),
         sitefit_version=sitefit.__version__,
         classes=dataset.classes,
+        codes=codes,
         architecture=architecture_of(net_config),
         slice_axis=config.slice_axis,
         training=TrainingInfo(
@@ -163,6 +168,15 @@ def train_base_model(
         f"early head {early_dice:.4f}"
     )
     return stored
+
+
+def class_codes(dataset: Dataset) -> dict[int, Code]:
+    """Each foreground class's coded concept: from ``dataset.json``'s ``"codes"`` (by class
+    name), else sitefit's default for the class name (``sitefit.codes``); a class with neither
+    is a ``DatasetError`` naming it. A new model must name its classes for its DICOM SEGs."""
+    meta_path = dataset.root / "dataset.json"
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))  # read_dataset has checked it
+    return codes_from_dataset(meta, dataset.classes, str(meta_path))
 
 
 def train_early_head(

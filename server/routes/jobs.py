@@ -1,4 +1,5 @@
-"""``/v1/jobs``: upload a scan (202), poll its status, download mask and report, cancel.
+"""``/v1/jobs``: upload a scan (202), poll its status, download mask, report and (for a DICOM
+series) the DICOM SEG, cancel.
 
 Upload order, so that bad input never reaches the queue: key and content type, queue
 reachable, body streamed into a private staging directory within the size limit, fields
@@ -16,7 +17,7 @@ import time
 from collections.abc import Iterator
 from typing import Annotated, BinaryIO
 
-from fastapi import APIRouter, Path, Request
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response, StreamingResponse
 
@@ -25,16 +26,24 @@ from server import uploads
 from server.auth import Caller, CallerDep
 from server.errors import (
     MalformedRequestError,
+    NoSuchResultError,
     PayloadTooLargeError,
     QueueUnavailableError,
     ResultNotReadyError,
 )
 from server.errors import responses as error_responses
-from server.schemas import JobCreated, JobDeleted, JobLinks, JobView
+from server.schemas import JobCreated, JobDeleted, JobLinks, JobList, JobView
 from server.services import Services, ServicesDep
 from server.validation import check_reference, check_scan
-from sitefit.job_store import MASK, REPORT, JobStorageError, storage_error
-from sitefit.jobs import JobRecord, JobState, new_job_id, validate_mode
+from sitefit.job_store import MASK, REPORT, SEG, JobStorageError, storage_error
+from sitefit.jobs import (
+    JobNotFoundError,
+    JobRecord,
+    JobState,
+    JobStatus,
+    new_job_id,
+    validate_mode,
+)
 from sitefit.report import Report
 
 log = logging.getLogger("sitefit.server")
@@ -118,7 +127,8 @@ async def create_job(request: Request, services: ServicesDep, caller: CallerDep)
         record.source_format,
         caller.name,
     )
-    return JobCreated(id=job_id, status="queued", links=JobLinks.of(job_id))
+    links = JobLinks.of(job_id, dicom=record.source_format == "dicom")
+    return JobCreated(id=job_id, status="queued", links=links)
 
 
 def _check_upload(
@@ -150,6 +160,9 @@ def _check_upload(
         scan_file=scan.file_name,
         reference_file=reference_file,
         source_format=scan.source_format,
+        site_source="request" if site is not None else None,
+        study_uid=(scan.dicom.study_uid or None) if scan.dicom is not None else None,
+        series_uid=(scan.dicom.series_uid or None) if scan.dicom is not None else None,
     )
 
 
@@ -167,6 +180,48 @@ def _report(services: Services, job_id: str) -> Report:
         raise ResultNotReadyError(f"job {job_id} has no report") from None
     except OSError as error:
         raise JobStorageError(f"job storage: cannot read the report ({error.strerror})") from None
+
+
+@router.get(
+    "",
+    response_model=JobList,
+    responses=error_responses(500),
+    summary="The jobs this key may see, newest first (without their reports)",
+)
+def list_jobs(
+    services: ServicesDep,
+    caller: CallerDep,
+    site: Annotated[str | None, Query(max_length=64, description="only this site")] = None,
+    status: Annotated[JobStatus | None, Query(description="only jobs in this status")] = None,
+    model: Annotated[
+        str | None, Query(max_length=80, description="only this model (NAME or NAME@VERSION)")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> JobList:
+    """Reads every job's small files: fine for the days of jobs retention keeps."""
+    states = []
+    for job_id in services.store.job_ids():
+        try:
+            state = services.store.state(job_id)
+        except (JobNotFoundError, JobStorageError):  # deleted, expired or torn meanwhile
+            continue
+        record = state.record
+        if not caller.may_use(record.site) or (site is not None and record.site != site):
+            continue
+        if status is not None and state.status != status:
+            continue
+        if model is not None and model not in (record.model, record.model.split("@")[0]):
+            continue
+        states.append(state)
+    states.sort(key=lambda state: state.record.created_at, reverse=True)
+    page = states[offset : offset + limit]
+    return JobList(
+        jobs=[JobView.of(state, None) for state in page],
+        total=len(states),
+        limit=limit,
+        offset=offset,
+    )
 
 
 @router.get(
@@ -203,22 +258,44 @@ def _require_finished(state: JobState) -> None:
     summary="The mask, on the input's voxel grid and affine",
 )
 def get_mask(job_id: JobId, services: ServicesDep, caller: CallerDep) -> StreamingResponse:
+    _require_finished(_owned(services, caller, job_id))
+    return _download(services, job_id, MASK, "mask", "application/gzip", "_mask.nii.gz")
+
+
+@router.get(
+    "/{job_id}/seg",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"application/dicom": {}}, "description": "DICOM SEG (Part 10 file)"},
+        **error_responses(404, 409, 500),
+    },
+    summary="The DICOM SEG of a DICOM series' mask, referencing the series",
+)
+def get_seg(job_id: JobId, services: ServicesDep, caller: CallerDep) -> StreamingResponse:
     state = _owned(services, caller, job_id)
+    if state.record.source_format != "dicom":
+        raise NoSuchResultError(f"job {job_id} has no DICOM SEG: its input was NIfTI")
     _require_finished(state)
-    # opened here, not by the response later: a job deleted (or swept) meanwhile is a 409,
-    # and one deleted while the mask streams still streams from the open file
+    return _download(services, job_id, SEG, "DICOM SEG", "application/dicom", "_seg.dcm")
+
+
+def _download(
+    services: Services, job_id: str, name: str, what: str, media_type: str, suffix: str
+) -> StreamingResponse:
+    """A result file as an attachment. Opened here, not by the response later: a job deleted
+    (or swept) meanwhile is a 409, and one deleted while the file streams still streams."""
     try:
-        handle = services.store.path(job_id, MASK).open("rb")
+        handle = services.store.path(job_id, name).open("rb")
     except (FileNotFoundError, IsADirectoryError):
-        raise ResultNotReadyError(f"job {job_id} has no mask") from None
+        raise ResultNotReadyError(f"job {job_id} has no {what}") from None
     except OSError as error:
-        raise storage_error("read the mask", error) from None
+        raise storage_error(f"read the {what}", error) from None
     size = os.fstat(handle.fileno()).st_size
     headers = {
         "Content-Length": str(size),
-        "Content-Disposition": f'attachment; filename="{job_id}_mask.nii.gz"',
+        "Content-Disposition": f'attachment; filename="{job_id}{suffix}"',
     }
-    return StreamingResponse(_stream(handle), media_type="application/gzip", headers=headers)
+    return StreamingResponse(_stream(handle), media_type=media_type, headers=headers)
 
 
 def _stream(handle: BinaryIO, chunk: int = 1 << 20) -> Iterator[bytes]:

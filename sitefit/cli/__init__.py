@@ -13,10 +13,10 @@ import sys
 from collections.abc import Sequence
 
 import sitefit
-from sitefit.cli import engine_commands, service_commands, store_commands
+from sitefit.cli import engine_commands, pacs_commands, service_commands, store_commands
 from sitefit.exceptions import SitefitError
 
-AREAS = [engine_commands, store_commands, service_commands]
+AREAS = [engine_commands, store_commands, service_commands, pacs_commands]
 
 
 def build_parser() -> argparse.ArgumentParser:

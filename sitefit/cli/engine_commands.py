@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     phantoms.add_argument("--fov-mm", type=float, default=None, help="field of view in mm")
     phantoms.add_argument("--out", type=Path, help="output directory (nnU-Net v2 raw layout)")
     phantoms.add_argument("--list-domains", action="store_true", help="list scanner domains")
+    phantoms.add_argument(
+        "--dicom",
+        action="store_true",
+        help="also write each scan as a single-frame MR DICOM series under OUT/dicom/CASE "
+        "(scanner headers per domain: one site key per domain)",
+    )
     phantoms.set_defaults(handler=run_phantoms)
 
     train = subparsers.add_parser("train", help="train a base model on an nnU-Net v2 dataset")
@@ -72,13 +79,20 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     train.set_defaults(handler=run_train)
 
     segment = subparsers.add_parser("segment", help="segment one scan locally (no services)")
-    segment.add_argument("scan", type=Path, help="NIfTI scan (.nii or .nii.gz)")
+    segment.add_argument(
+        "scan",
+        type=Path,
+        help="NIfTI scan (.nii or .nii.gz), or a DICOM series: a folder of its instances or a zip",
+    )
     segment.add_argument("--model", required=True, help="NAME or NAME@VERSION")
     segment.add_argument("--site", default=None, help="scanner site the scan comes from")
     segment.add_argument("--mode", choices=MODES, default="auto")
     segment.add_argument("--out", type=Path, required=True, help="mask to write (.nii.gz)")
     segment.add_argument("--reference", type=Path, help="ground-truth labels, for figures")
     segment.add_argument("--report", type=Path, help="write the JSON report here")
+    segment.add_argument(
+        "--seg", type=Path, help="write a DICOM SEG of the mask here (DICOM series input only)"
+    )
     segment.add_argument("--device", default=None, help="cpu, cuda or cuda:N")
     segment.add_argument("--quiet", action="store_true", help="print no progress")
     segment.set_defaults(handler=run_segment)
@@ -100,6 +114,14 @@ def run_phantoms(args: argparse.Namespace) -> int:
         raise InvalidInputError("phantoms needs --domain and --out (or --list-domains)")
     out = write_dataset(args.task, args.domain, args.n, args.seed, args.out, args.fov_mm)
     print(f"wrote {args.n} {args.task} subject(s) of domain {args.domain} to {out}")
+    if args.dicom:
+        from sitefit.phantoms.dicom_series import Scanner, write_dicom_series
+
+        scanner = Scanner(model=f"Simulator {args.domain}", serial=args.domain)
+        for image in sorted((out / "imagesTr").glob("*_0000.nii.gz")):
+            case = image.name.removesuffix("_0000.nii.gz")
+            write_dicom_series(image, out / "dicom" / case, scanner=scanner)
+        print(f"wrote their DICOM series to {out / 'dicom'}")
     return 0
 
 
@@ -128,6 +150,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_segment(args: argparse.Namespace) -> int:
+    import tempfile
+
     from worker.engine import Engine, SegmentRequest
 
     if not str(args.out).endswith((".nii", ".nii.gz")):
@@ -135,10 +159,35 @@ def run_segment(args: argparse.Namespace) -> int:
     output_file(args.out, "--out")
     if args.report:
         output_file(args.report, "--report")
+    dicom = args.scan.is_dir() or zipfile.is_zipfile(args.scan)
+    if args.seg:
+        output_file(args.seg, "--seg")
+        if not dicom:
+            raise InvalidInputError(
+                f"--seg {args.seg}: a DICOM SEG needs a DICOM series as SCAN (a folder of its "
+                "instances or a zip), not a NIfTI file"
+            )
     settings = load_settings(device=args.device)
     engine = Engine(settings)
-    request = SegmentRequest(args.scan, args.model, args.site, args.mode, args.reference)
-    result = engine.run(request, progress=None if args.quiet else _progress_printer())
+    with tempfile.TemporaryDirectory(prefix="sitefit-segment-") as temporary:
+        scan, source = args.scan, None
+        if dicom:
+            scan, source = _convert_series(args.scan, Path(temporary), settings.max_voxels)
+            if not args.quiet:
+                _log("  converted the DICOM series to NIfTI")
+        request = SegmentRequest(scan, args.model, args.site, args.mode, args.reference)
+        result = engine.run(request, progress=None if args.quiet else _progress_printer())
+        seg = None
+        if args.seg and source is not None:  # built before any output is written
+            from sitefit.seg import SegDescription, build_seg, segments_of
+
+            seg = build_seg(
+                result.mask,
+                source,
+                segments_of(result.spec.classes, result.spec.codes),
+                description=SegDescription.of(result.report),
+                omit_empty_frames=result.seg_omit_empty_frames,
+            )
     from sitefit.volume import save_image_atomic
 
     try:
@@ -150,9 +199,35 @@ def run_segment(args: argparse.Namespace) -> int:
             _write_json_atomic(args.report, result.report.model_dump(mode="json"))
         except OSError as error:
             raise written(args.report, "--report", error) from None
+    if seg is not None:
+        from sitefit.durable import write_atomic
+        from sitefit.job_store import JOB_FILE_MODE
+        from sitefit.seg import seg_bytes
+
+        try:  # it holds the series' patient module: not world-readable
+            write_atomic(args.seg, seg_bytes(seg), mode=JOB_FILE_MODE)
+        except OSError as error:
+            raise written(args.seg, "--seg", error) from None
     print(summarize(result.report))
-    print(f"mask: {args.out}" + (f"  report: {args.report}" if args.report else ""))
+    outputs = [f"mask: {args.out}"]
+    outputs += [f"report: {args.report}"] if args.report else []
+    outputs += [f"seg: {args.seg}"] if seg is not None else []
+    print("  ".join(outputs))
     return 0
+
+
+def _convert_series(scan: Path, temporary: Path, max_voxels: int) -> tuple[Path, Path]:
+    """A DICOM series (a folder of instances, or a zip extracted into ``temporary``) as a
+    NIfTI file in ``temporary``; returns it and the folder of the series' instances."""
+    from sitefit.dicom import extract_series_zip, series_dir_to_nifti
+
+    source = scan
+    if not scan.is_dir():
+        source = temporary / "dicom"
+        extract_series_zip(scan, source, max_voxels)
+    nifti = temporary / "scan.nii.gz"
+    series_dir_to_nifti(source, nifti, max_voxels)
+    return nifti, source
 
 
 def run_demo(args: argparse.Namespace) -> int:

@@ -1,4 +1,5 @@
-"""Service commands: ``sitefit serve`` (the HTTP API) and ``sitefit worker`` (an RQ worker).
+"""Service commands: ``sitefit serve`` (the HTTP API), ``sitefit worker`` (an RQ worker) and
+``sitefit dicom-listener`` (the DIMSE listener a PACS sends series to).
 
 ``serve`` runs jobs on an in-process worker thread when ``SITEFIT_REDIS_URL`` is unset
 (embedded mode), else queues them on Redis for ``sitefit worker`` processes. Without API keys
@@ -16,6 +17,7 @@ from sitefit.cli.common import load_settings
 from sitefit.exceptions import InvalidInputError
 
 if TYPE_CHECKING:
+    from server.dimse import DicomListener
     from sitefit.settings import Settings
 
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -33,6 +35,27 @@ def register(subparsers: Subparsers) -> None:
     worker.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus here")
     worker.add_argument("--burst", action="store_true", help="quit when the queue is empty")
     worker.set_defaults(handler=run_worker)
+
+    listener = subparsers.add_parser(
+        "dicom-listener", help="receive series from a PACS over DIMSE (C-STORE, C-ECHO)"
+    )
+    # the aliases are the names a configuration error gives (load_settings names the field)
+    listener.add_argument(
+        "--host",
+        "--dicom-host",
+        dest="host",
+        default=None,
+        help="bind address (default $SITEFIT_DICOM_HOST)",
+    )
+    listener.add_argument(
+        "--port",
+        "--dicom-port",
+        dest="port",
+        type=int,
+        default=None,
+        help="port (default $SITEFIT_DICOM_PORT)",
+    )
+    listener.set_defaults(handler=run_dicom_listener)
 
 
 def redacted(url: str) -> str:
@@ -93,3 +116,62 @@ def run_worker(args: argparse.Namespace) -> int:
         raise InvalidInputError("sitefit worker needs SITEFIT_REDIS_URL (the job queue's Redis)")
     print(f"sitefit: worker for queue {settings.queue_name!r} on {redacted(settings.redis_url)}")
     return work(settings, args.metrics_port, burst=args.burst)
+
+
+def run_dicom_listener(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from server.dimse import DicomListener
+    from sitefit.inbox import Inbox
+
+    settings = load_settings(dicom_host=args.host, dicom_port=args.port)
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    listener = DicomListener(settings, Inbox.from_settings(settings))
+    listener.start()
+    for line in listener_summary(listener):
+        print(f"sitefit: {line}", flush=True)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    listener.serve_forever(stop)
+    print("sitefit: DICOM listener stopped", flush=True)
+    return 0
+
+
+def listener_summary(listener: DicomListener) -> list[str]:
+    """What `sitefit dicom-listener` tells at start: where, which AE titles, which routes."""
+    settings = listener.settings
+    host, port = listener.address
+    own = settings.dicom_ae_title
+    routes = settings.dicom_routes
+    own_route = listener.routes.get(own)
+    target = (
+        f"series sent to it go to route {own_route!r}"
+        if own_route
+        else "C-STOREs to it are refused"
+    )
+    lines = [f"DICOM listener on {host}:{port}, AE title {own} (C-ECHO; {target})"]
+    for name, route in routes.items():
+        site = route.site or "from the scanner headers"
+        if route.ae_title is not None:
+            dialled = f"AE title {route.ae_title}"
+        else:
+            dialled = f"AE title {own}" if name == own_route else "DICOMweb only (no AE title)"
+        lines.append(
+            f"route {name!r}: {dialled} -> model {route.model}, mode {route.mode}, site {site}"
+        )
+    if not routes:
+        lines.append("no routes configured (SITEFIT_DICOM_ROUTES): only C-ECHO is answered")
+    if settings.dicom_allowed_callers:
+        lines.append("calling AE titles allowed: " + ", ".join(settings.dicom_allowed_callers))
+    else:
+        lines.append(
+            "any calling AE title is accepted (loopback only; SITEFIT_DICOM_ALLOWED_CALLERS "
+            "restricts it)"
+        )
+    lines.append(
+        f"instances wait in {listener.inbox.root} until no instance of their series arrived for "
+        f"{settings.series_idle_s:g} s; `sitefit serve` makes each series a job"
+    )
+    return lines

@@ -20,7 +20,7 @@ from sitefit.exceptions import InvalidInputError, SitefitError, SiteNotFoundErro
 
 if TYPE_CHECKING:
     from model_store import ModelStore
-    from model_store.base_models import UnreadableModel
+    from model_store.base_models import Tensors, UnreadableModel
     from model_store.sites import SiteVersion, UnreadableVersion
     from model_store.spec import ModelSpec
 
@@ -109,7 +109,11 @@ def models_show(args: argparse.Namespace) -> int:
 def models_import(args: argparse.Namespace) -> int:
     from worker.weights import check_fits  # torch: only this command builds the network
 
-    spec = _store(args).import_(args.path, check=check_fits)
+    def check(spec: ModelSpec, tensors: Tensors) -> None:
+        check_fits(spec, tensors)
+        spec.require_codes()  # a new model names each class's concept, for its DICOM SEGs
+
+    spec = _store(args).import_(args.path, check=check)
     line = f"imported {spec.ref} (sha256 {spec.sha256[:12]}) from {args.path}"
     return _emit(args, spec.model_dump(mode="json"), [line])
 

@@ -1,6 +1,7 @@
 """Write phantom subjects as an nnU-Net v2 raw dataset.
 
-Layout: ``imagesTr/CASE_0000.nii.gz``, ``labelsTr/CASE.nii.gz`` and ``dataset.json``. Subject
+Layout: ``imagesTr/CASE_0000.nii.gz``, ``labelsTr/CASE.nii.gz`` and ``dataset.json`` (which
+also names each class's coded concept under ``"codes"``, see :mod:`sitefit.codes`). Subject
 ``i`` uses a seed derived from ``(seed, i)`` alone, so a dataset of ``n`` cases is a prefix of
 one with more. Every file is written to a temporary name in its folder and renamed into place,
 so a crash never leaves a half-written file under a final name; ``dataset.json`` comes last,
@@ -21,6 +22,7 @@ import nibabel
 import numpy as np
 import numpy.typing as npt
 
+from sitefit.codes import DEFAULT_CODES
 from sitefit.durable import fsync_dir, write_atomic
 from sitefit.exceptions import InvalidInputError
 from sitefit.phantoms.domains import get_domain
@@ -107,6 +109,12 @@ def write_dataset(
         f"({scanner.role}): {scanner.description}",
         "channel_names": {"0": "MR"},
         "labels": {name: value for value, name in sorted(CLASS_NAMES[task].items())},
+        # each class's coded concept, which a trained model's DICOM SEG names it by
+        "codes": {
+            name: DEFAULT_CODES[name].model_dump(exclude_none=True)
+            for value, name in sorted(CLASS_NAMES[task].items())
+            if value != 0
+        },
         "numTraining": n,
         "file_ending": FILE_ENDING,
         "sitefit": {

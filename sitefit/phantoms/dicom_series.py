@@ -126,6 +126,7 @@ def series_datasets(
         ds.FrameOfReferenceUID = ids.frame_of_reference
         ds.PositionReferenceIndicator = ""
         ds.InstanceNumber = k + 1
+        ds.ImagesInAcquisition = int(data.shape[2])
         for keyword, value in scanner.headers().items():
             setattr(ds, keyword, value)
         ds.ScanningSequence = "GR"

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
-from model_store.backend import FilesystemBackend
+from model_store.backend import FilesystemBackend, with_checksum
 from model_store.base_models import BaseModelRegistry
 from model_store.spec import ModelSpec
+from sitefit.codes import Code
 from sitefit.exceptions import InvalidInputError, ModelNotFoundError, ModelStoreError
 
 SpecFactory = Callable[..., ModelSpec]
@@ -127,3 +129,35 @@ def test_a_changed_spec_fails_its_checksum(
     spec_file.write_text(text.replace('"slice_axis": 2', '"slice_axis": 1'))
     with pytest.raises(ModelStoreError, match="fails its checksum"):
         registry.spec("brain")
+
+
+def test_class_codes_are_stored_and_specs_without_them_still_load(
+    tmp_path: Path, make_spec: SpecFactory, make_tensors: TensorFactory
+) -> None:
+    registry = BaseModelRegistry(tmp_path)
+    brain = Code(scheme="SCT", value="12738006", meaning="Brain")
+    stored = registry.register(
+        make_spec().model_copy(update={"codes": {1: brain}}), make_tensors(0)
+    )
+    assert registry.spec("brain@1").codes == {1: brain} == stored.codes
+    # a spec written before codes existed: no "codes" key at all
+    old = make_spec("old")
+    files = {
+        "weights.safetensors": b"",
+        "spec.json": old.model_dump_json(exclude={"codes"}).encode(),
+    }
+    assert b'"codes"' not in files["spec.json"]
+    FilesystemBackend(tmp_path).create_exclusive("old/1", with_checksum(files, "spec.json"))
+    loaded = registry.spec("old")
+    assert loaded.codes == {}
+    with pytest.raises(
+        InvalidInputError, match=r"model old: class 'brain' \(label 1\) has no code"
+    ):
+        loaded.require_codes()
+
+
+def test_codes_must_name_foreground_classes(make_spec: SpecFactory) -> None:
+    brain = Code(scheme="SCT", value="12738006", meaning="Brain")
+    for label in (0, 2):
+        with pytest.raises(ValidationError, match=f"label {label}, which is not a foreground"):
+            ModelSpec.model_validate({**make_spec().model_dump(), "codes": {label: brain}})

@@ -43,6 +43,7 @@ def _patient(ds: Dataset, series: str) -> None:
     ds.PatientID = PATIENT_ID
     ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.1"
     ds.SeriesInstanceUID = series
+    ds.FrameOfReferenceUID = "1.2.826.0.1.3680043.8.498.2"
 
 
 def _encode(ds: Dataset) -> bytes:

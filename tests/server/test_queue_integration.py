@@ -89,7 +89,7 @@ def test_dicom_series_upload_runs_on_the_series_grid(
     created = upload(service.api, zipped, brain_model, name="series.zip")
     assert created.status_code == 202, created.text
     job = wait_for_status(service.api, created.json()["id"], ("finished", "failed"))
-    assert job["status"] == "finished" and job["source_format"] == "dicom", job
+    assert job["status"] == "finished" and job["source_format"] == "dicom", job["error"]
     got = image_from_bytes(service.api.get(job["links"]["mask"]).content)
     source = nib.load(shifted_brain_case.image)
     assert got.shape == source.shape  # the series was written from this grid

@@ -169,6 +169,17 @@ def test_refuses_missing_slices_and_duplicates(tmp_path: Path) -> None:
     assert "share a position" in _refusal(twice_zip)
 
 
+def test_refuses_a_series_cut_off_at_its_end_by_the_count_its_instances_state(
+    tmp_path: Path,
+) -> None:
+    image = nib.Nifti1Image(_volume((6, 5, 8)), np.diag([1.5, 1.5, 2.0, 1.0]))
+    paths = write_dicom_series(image, tmp_path / "series")
+    for path in paths[4:]:  # the first half arrived, evenly spaced: only the count tells
+        path.unlink()
+    with pytest.raises(InvalidInputError, match="incomplete: 4 of the 8"):
+        read_series_dir(tmp_path / "series", 10**6)
+
+
 def _with_new_instance_uid(data: bytes) -> bytes:
     dataset = pydicom.dcmread(io.BytesIO(data))
     dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()

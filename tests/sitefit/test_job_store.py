@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sitefit.job_store import JOB_DIR_MODE, MASK, REPORT, JobStorageError, JobStore
+from sitefit.job_store import DICOM_DIR, JOB_DIR_MODE, MASK, REPORT, JobStorageError, JobStore
 from sitefit.jobs import JobNotFoundError, Progress, new_job_id
 from sitefit.settings import Settings
 from tests.stored_jobs import publish_job
@@ -93,6 +93,17 @@ def test_cancel_keeps_a_small_record_and_deletes_data(tmp_path: Path) -> None:
     assert store.cancel(job_id) == "canceled"  # deleting again removes the record
     with pytest.raises(JobNotFoundError):
         store.state(job_id)
+
+
+def test_cancel_deletes_a_dicom_jobs_source_instances_too(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    job_id = _publish(store)
+    instances = store.path(job_id, DICOM_DIR)
+    instances.mkdir()
+    (instances / "0001.dcm").write_bytes(b"a scan slice")
+    store.path(job_id, "mask.nii.gz").write_bytes(b"mask")
+    assert store.cancel(job_id) == "canceled"
+    assert sorted(p.name for p in store.job_dir(job_id).iterdir()) == ["final.json", "job.json"]
 
 
 def test_deleting_a_finished_job_removes_it(tmp_path: Path) -> None:

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import shutil
+import stat
+import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 
-from sitefit.job_store import MASK, REPORT, JobStore
-from sitefit.jobs import new_job_id
+from sitefit.dicom import series_dir_to_nifti
+from sitefit.job_store import DICOM_DIR, JOB_FILE_MODE, MASK, REPORT, SEG, JobStore
+from sitefit.jobs import JobRecord, new_job_id
+from sitefit.phantoms.dicom_series import write_dicom_series
 from sitefit.report import Mode, Report
 from sitefit.settings import Settings
 from tests.conftest import PhantomCase
+from tests.sitefit.test_seg import assert_seg_follows_mask, dciodvfy_errors
 from tests.stored_jobs import publish_job
 from worker.engine import Engine, Progress, ProgressCallback, SegmentRequest, SegmentResult
 from worker.job import JobEnded, run_job
@@ -148,3 +155,123 @@ def test_a_late_attempt_leaves_the_finished_attempts_results_alone(
     for name, (inode, data) in late.finished.items():  # neither replaced nor removed
         path = store.path(job_id, name)
         assert path.stat().st_ino == inode and path.read_bytes() == data, name
+
+
+# -- DICOM jobs: the SEG ------------------------------------------------------------------------
+
+
+def publish_dicom_job(
+    store: JobStore,
+    tmp_path: Path,
+    scan: Path,
+    model: str,
+    *,
+    mode: Mode = "none",
+    keep_instances: bool = True,
+    series_of: Path | None = None,
+) -> tuple[str, Path]:
+    """A DICOM job as an upload leaves it: the series' instances (written from ``series_of``,
+    default ``scan``, in shuffled order) under ``dicom/`` and their conversion as the scan.
+    Returns the job id and a copy of the instances."""
+    instances = tmp_path / "instances"
+    write_dicom_series(nib.load(series_of or scan), instances, order="shuffled", seed=5)
+    job_id = new_job_id()
+    with store.receiving(job_id) as staging:
+        series_dir_to_nifti(instances, staging / "scan.nii.gz", 10**7)
+        if keep_instances:
+            shutil.copytree(instances, staging / DICOM_DIR)
+        record = JobRecord(id=job_id, created_at=time.time(), model=model, site="site-a",
+                           mode=mode, scan_file="scan.nii.gz", source_format="dicom")  # fmt: skip
+        store.publish(staging, record)
+    return job_id, instances
+
+
+def test_a_dicom_job_stores_a_seg_on_its_source_slices(
+    tmp_path: Path, engine: Engine, brain_model: str, shifted_brain_case: PhantomCase
+) -> None:
+    store = _store(tmp_path)
+    job_id, instances = publish_dicom_job(store, tmp_path, shifted_brain_case.image, brain_model,
+                                       mode="adapt")  # fmt: skip
+    assert run_job(job_id, store, engine) == "finished"
+    seg_path = store.path(job_id, SEG)
+    assert stat.S_IMODE(seg_path.stat().st_mode) == JOB_FILE_MODE
+    mask = nib.load(store.path(job_id, MASK))
+    assert np.asarray(mask.dataobj).any()  # the test's premise: something to place
+    assert_seg_follows_mask(seg_path, instances, mask)
+    seg = pydicom.dcmread(seg_path)
+    report = Report.model_validate_json(store.path(job_id, REPORT).read_bytes())
+    assert report.guard is not None and report.self_consistency.after.dice is not None
+    assert seg.SeriesDescription == (
+        f"sitefit {brain_model}@1 adapt {report.guard.verdict} "
+        f"SC {report.self_consistency.after.dice:.2f}"
+    )
+    assert seg.NumberOfFrames == mask.shape[2]  # empty frames kept by default
+    (segment,) = seg.SegmentSequence
+    assert segment.SegmentLabel == "brain"
+    assert segment.SegmentedPropertyTypeCodeSequence[0].CodeValue == "12738006"
+    first = pydicom.dcmread(next(instances.iterdir()))
+    assert seg.StudyInstanceUID == first.StudyInstanceUID
+    assert seg.FrameOfReferenceUID == first.FrameOfReferenceUID
+    assert dciodvfy_errors(seg_path) == []
+
+
+class _EndSlicesCleared:
+    """The real engine, its mask's first two and last slices cleared: a mask with empty
+    frames (the tiny model labels every slice), not symmetric along the slice axis."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def run(
+        self, request: SegmentRequest, progress: ProgressCallback | None = None
+    ) -> SegmentResult:
+        result = self.engine.run(request, progress)
+        data = np.asarray(result.mask.dataobj).copy()
+        data[:, :, [0, 1, -1]] = 0
+        result.mask = nib.Nifti1Image(data, result.mask.affine, result.mask.header)
+        return result
+
+
+def test_empty_frames_are_omitted_when_configured(
+    tmp_path: Path, settings: Settings, brain_model: str, shifted_brain_case: PhantomCase
+) -> None:
+    store = _store(tmp_path)
+    omitting = Engine(settings.model_copy(update={"seg_omit_empty_frames": True}))
+    job_id, instances = publish_dicom_job(store, tmp_path, shifted_brain_case.image, brain_model)
+    assert run_job(job_id, store, _EndSlicesCleared(omitting)) == "finished"
+    mask = nib.load(store.path(job_id, MASK))
+    labelled = np.asarray(mask.dataobj).any(axis=(0, 1))  # the converted scan's slices: axis 2
+    assert labelled.any() and not labelled.all()  # the test's premise
+    seg = pydicom.dcmread(store.path(job_id, SEG))
+    assert seg.NumberOfFrames == int(labelled.sum())
+    assert_seg_follows_mask(store.path(job_id, SEG), instances, mask, omitted=True)
+
+
+def test_a_seg_that_cannot_be_built_fails_the_job_and_leaves_nothing(
+    tmp_path: Path, engine: Engine, brain_model: str, shifted_brain_case: PhantomCase
+) -> None:
+    """Instances of another grid than the scan's: the mask cannot be placed on them."""
+    store = _store(tmp_path)
+    other = tmp_path / "other.nii.gz"
+    image = nib.load(shifted_brain_case.image)
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[:, :, 1:], image.affine), other)
+    job_id, _ = publish_dicom_job(store, tmp_path, other, brain_model)
+    shutil.rmtree(store.path(job_id, DICOM_DIR))
+    write_dicom_series(image, store.path(job_id, DICOM_DIR), order="reversed")
+    assert run_job(job_id, store, engine) == "failed"
+    state = store.state(job_id)
+    assert state.error == "DICOM SEG: the mask is not on the source series' voxel grid"
+    for name in (MASK, SEG, REPORT):
+        assert not store.path(job_id, name).exists(), name
+
+
+def test_jobs_without_source_instances_have_no_seg(
+    tmp_path: Path, engine: Engine, brain_model: str, shifted_brain_case: PhantomCase
+) -> None:
+    store = _store(tmp_path)
+    nifti = _publish(store, shifted_brain_case.image, brain_model, mode="none")
+    dicom, _ = publish_dicom_job(store, tmp_path, shifted_brain_case.image, brain_model,
+                              keep_instances=False)  # fmt: skip
+    for job_id in (nifti, dicom):
+        assert run_job(job_id, store, engine) == "finished"
+        assert store.path(job_id, MASK).exists() and not store.path(job_id, SEG).exists()

@@ -2,22 +2,30 @@
 
 import gzip
 import json
+import shutil
+import stat
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 
 from model_store.base_models import BaseModelRegistry
 from sitefit import defaults
 from sitefit.cli import main
 from sitefit.cli.engine_commands import DEMO_MODEL, DEMO_TARGET_DOMAIN
+from sitefit.codes import DEFAULT_CODES
+from sitefit.job_store import JOB_FILE_MODE
+from sitefit.phantoms.dicom_series import write_dicom_series
 from sitefit.report import Report
 from sitefit.settings import Settings
 from tests.conftest import PhantomCase
 from tests.server.helpers import make_home
+from tests.sitefit.test_seg import assert_seg_follows_mask
 
 
 @pytest.fixture
@@ -55,6 +63,25 @@ def test_phantoms_writes_nnunet_layout(tmp_path: Path, source_domain: str) -> No
     meta = json.loads((tmp_path / "ds" / "dataset.json").read_text())
     assert meta["numTraining"] == 2 and len(meta["labels"]) == 4
     assert len(list((tmp_path / "ds" / "imagesTr").glob("*_0000.nii.gz"))) == 2
+
+
+def test_phantoms_writes_dicom_series_that_read_back_as_the_nifti(
+    tmp_path: Path, source_domain: str
+) -> None:
+    from sitefit.dicom import read_series_dir
+
+    out = tmp_path / "ds"
+    argv = ["phantoms", "--domain", source_domain, "--n", "1", "--fov-mm", "32", "--out"]
+    assert main([*argv, str(out), "--dicom"]) == 0
+    (image,) = (out / "imagesTr").glob("*_0000.nii.gz")
+    (series,) = (out / "dicom").iterdir()
+    assert series.name == image.name.removesuffix("_0000.nii.gz")
+    volume = read_series_dir(series, 10**8)
+    nifti = nib.load(image)
+    np.testing.assert_allclose(volume.affine, nifti.affine, atol=1e-4)
+    span = float(np.ptp(nifti.get_fdata()))
+    np.testing.assert_allclose(volume.data, nifti.get_fdata(), atol=span / 30000)
+    assert source_domain in str(volume.header.ManufacturerModelName)
 
 
 def test_segment_writes_mask_and_report(
@@ -270,3 +297,92 @@ def test_demo_adapts_a_shifted_scan_with_the_demo_model(
     target = next((home / "demo" / "target" / "imagesTr").iterdir())
     assert mask.shape == nib.load(target).shape
     assert "reference (ground truth)" in captured.out and "mask: " in captured.out
+
+
+# -- DICOM input and the SEG ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["folder", "zip"])
+def test_segment_a_dicom_series_and_write_its_seg(
+    form: str,
+    env_home: Settings,
+    brain_model: str,
+    shifted_brain_case: PhantomCase,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    series = tmp_path / "series"
+    write_dicom_series(nib.load(shifted_brain_case.image), series, order="reversed")
+    scan = series
+    if form == "zip":
+        scan = tmp_path / "series.zip"
+        with zipfile.ZipFile(scan, "w") as archive:
+            for path in sorted(series.iterdir()):
+                archive.write(path, f"study/{path.name}")
+    out, seg = tmp_path / "mask.nii.gz", tmp_path / "seg.dcm"
+    argv = ["segment", str(scan), "--model", brain_model, "--mode", "adapt", "--quiet"]
+    code = main([*argv, "--out", str(out), "--seg", str(seg)])
+    printed = capsys.readouterr().out
+    assert code == 0 and f"seg: {seg}" in printed
+    mask = nib.load(out)
+    assert mask.shape == nib.load(shifted_brain_case.image).shape
+    assert_seg_follows_mask(seg, series, mask)
+    assert pydicom.dcmread(seg).SeriesDescription.startswith(f"sitefit {brain_model}@1 adapt ")
+    assert stat.S_IMODE(seg.stat().st_mode) == JOB_FILE_MODE
+
+
+def test_seg_of_a_nifti_scan_is_refused_before_the_run(
+    env_home: Settings,
+    brain_model: str,
+    shifted_brain_case: PhantomCase,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out, seg = tmp_path / "mask.nii.gz", tmp_path / "seg.dcm"
+    argv = ["segment", str(shifted_brain_case.image), "--model", brain_model, "--quiet"]
+    code = main([*argv, "--out", str(out), "--seg", str(seg)])
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith(f"sitefit: error: --seg {seg}: a DICOM SEG needs a DICOM series")
+    assert captured.out == "" and not out.exists() and not seg.exists()
+
+
+def test_a_bad_dicom_series_fails_with_one_line(
+    env_home: Settings, brain_model: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    series = tmp_path / "series"
+    series.mkdir()
+    (series / "0001.dcm").write_bytes(b"not DICOM at all")
+    out = tmp_path / "mask.nii.gz"
+    code = main(["segment", str(series), "--model", brain_model, "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and err[0].startswith("sitefit: error: "), err
+    assert "not a DICOM file" in err[0] and not out.exists()
+
+
+def test_trained_models_carry_their_class_codes(settings: Settings, heart_model: str) -> None:
+    spec = BaseModelRegistry(settings.models_dir).spec(heart_model)
+    assert spec.codes == {label: DEFAULT_CODES[name] for label, name in spec.foreground.items()}
+    assert spec.require_codes() is spec
+
+
+def test_train_refuses_a_class_without_a_code_in_one_line(
+    tmp_path: Path,
+    brain_dataset: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SITEFIT_HOME", str(tmp_path / "home"))
+    dataset = tmp_path / "dataset"
+    shutil.copytree(brain_dataset, dataset)
+    meta = json.loads((dataset / "dataset.json").read_text())
+    meta["labels"] = {"background": 0, "lesion": 1}
+    meta.pop("codes")
+    (dataset / "dataset.json").write_text(json.dumps(meta))
+    code = main(["train", str(dataset), "--name", "no-codes", "--epochs", "1", "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith(f"sitefit: error: {dataset / 'dataset.json'}: class 'lesion' has no")
+    assert '"codes": {"lesion": {"scheme": "SCT"' in err[0]
+    assert BaseModelRegistry(tmp_path / "home" / "models").versions("no-codes") == []

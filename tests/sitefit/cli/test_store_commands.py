@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tarfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -200,3 +201,38 @@ def test_rollback_to_weights_of_an_older_base_model_warns(
     assert code == 0 and "version 2 now holds the weights of version 1" in out
     assert err.startswith("sitefit: warning: these weights were adapted from brain@1")
     assert "not the latest brain@2" in err and len(err.strip().splitlines()) == 1
+
+
+def test_models_import_requires_class_codes(
+    settings: Settings, brain_model: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An export whose spec names no concept for a class is refused (a spec written before
+    codes existed, say): every new model's DICOM SEG must say what each segment is."""
+    archive, home = tmp_path / "brain.tar", str(settings.home)
+    assert run(capsys, "models", "export", brain_model, str(archive), "--home", home)[0] == 0
+    export = tmp_path / "export"
+    with tarfile.open(archive) as tar:
+        tar.extractall(export, filter="data")
+    spec = json.loads((export / "spec.json").read_text())
+    assert spec["codes"] == {"1": {"scheme": "SCT", "value": "12738006", "meaning": "Brain",
+                                   "category": None}}  # fmt: skip
+    other = tmp_path / "other-home"
+    code, out, _ = run(capsys, "models", "import", str(export), "--home", str(other), "--json")
+    assert code == 0 and json.loads(out)["codes"] == spec["codes"]
+
+    del spec["codes"]
+    (export / "spec.json").write_text(json.dumps(spec))
+    code, out, err = run(capsys, "models", "import", str(export), "--home", str(other))
+    assert code == 1 and out == "" and err.count("\n") == 1
+    assert err.startswith(
+        f"sitefit: error: model {brain_model}: class 'brain' (label 1) has no code: add its "
+        "SNOMED CT concept"
+    )
+    assert ModelStore(other).models.versions(brain_model) == [1]
+
+
+def test_models_stored_without_codes_still_show(
+    store_home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(capsys, "models", "show", "brain", "--home", str(store_home), "--json")
+    assert code == 0 and json.loads(out)["codes"] == {}
