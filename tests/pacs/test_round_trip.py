@@ -233,3 +233,68 @@ def test_dicomweb_round_trip_stow_in_and_stow_out_then_wado_from_orthanc(
     assert listed["0020000E"]["Value"] == [seg.SeriesInstanceUID]
     (again,) = own.retrieve_series(study_uid, seg.SeriesInstanceUID)
     assert again.SOPInstanceUID == seg.SOPInstanceUID
+
+
+def _storescu(stack: Stack, calling: str, files: list[Path]) -> subprocess.CompletedProcess[str]:
+    tool = shutil.which("storescu")
+    if tool is None:
+        pytest.skip("storescu is not installed (`make system-tools` installs dcmtk)")
+    command = [tool, "-aet", calling, "-aec", ROUTE_AE, "127.0.0.1", str(stack.listener.port)]
+    return subprocess.run([*command, *map(str, files)], capture_output=True, text=True, timeout=120)
+
+
+def _rewrite(paths: list[Path], change: Any) -> None:
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        change(ds)
+        ds.save_as(path, enforce_file_format=True)
+
+
+def _rewrite_as_report(good_looking: Path, out: Path) -> None:
+    ds = pydicom.dcmread(good_looking)
+    del ds.PixelData
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
+    ds.Modality = "SR"
+    ds.save_as(out, enforce_file_format=True)
+
+
+def test_unusable_series_become_failed_jobs_and_the_listener_keeps_serving(
+    stack: Stack, shifted_brain_case: PhantomCase, tmp_path: Path
+) -> None:
+    """Sent by dcmtk's storescu, as a scanner would: a series cut off halfway, one with two
+    orientations, one of constant voxels, then a good one; and instances refused outright."""
+    cut, _ = _series(shifted_brain_case, tmp_path / "cut", order="ascending")
+    cut = cut[: len(cut) // 2]
+    tilted, _ = _series(shifted_brain_case, tmp_path / "tilted")
+    _rewrite(tilted[:1], lambda ds: setattr(ds, "ImageOrientationPatient", [1, 0, 0, 0, 0, 1]))
+    flat, _ = _series(shifted_brain_case, tmp_path / "flat")
+    _rewrite(flat, lambda ds: setattr(ds, "PixelData", bytes(len(ds.PixelData))))
+    for files in (cut, tilted, flat):
+        assert _storescu(stack, stack.orthanc.aet, files).returncode == 0
+
+    report = tmp_path / "report.dcm"  # a non-image object: refused as it arrives
+    _rewrite_as_report(good_looking=tilted[1], out=report)
+    refused = _storescu(stack, stack.orthanc.aet, [report])
+    assert refused.returncode != 0  # storescu exits non-zero on a failure status
+    wait_for(lambda: "not images" in stack.listener.output(), 10, "the listener to log why")
+    stranger = _storescu(stack, "STRANGER", cut[:1])  # not on the allow-list
+    assert stranger.returncode != 0
+    assert "reject" in (stranger.stdout + stranger.stderr).lower()
+
+    good, _ = _series(shifted_brain_case, tmp_path / "good")
+    assert _storescu(stack, stack.orthanc.aet, good).returncode == 0
+    jobs = JobStore(stack.home / "jobs", 3600, 3600)
+
+    def four_ended() -> bool:
+        stack.serve.alive()
+        stack.listener.alive()
+        states = [jobs.state(j) for j in jobs.job_ids()]
+        return len(states) == 4 and all(s.status in ("finished", "failed") for s in states)
+
+    wait_for(four_ended, 180, "four jobs to end", interval=0.5)
+    errors = sorted(str(jobs.state(j).error) for j in jobs.job_ids() if jobs.state(j).error)
+    assert len(errors) == 3, errors
+    assert any("incomplete" in e for e in errors)
+    assert any("orientation" in e for e in errors)
+    assert any("every voxel has the value" in e for e in errors)
+    assert [jobs.state(j).status for j in jobs.job_ids()].count("finished") == 1
