@@ -9,7 +9,9 @@ it only binds to loopback (``Settings`` refuses anything else) and says so at st
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import socket
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -75,6 +77,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     settings = load_settings(host=args.host, port=args.port)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    listening = listen(settings.host, settings.port)  # before any URL is printed
     if not settings.api_keys:
         print(
             "sitefit: no API keys configured (SITEFIT_API_KEYS): authentication is off, "
@@ -89,8 +92,39 @@ def run_serve(args: argparse.Namespace) -> int:
     hint = demo_curl(settings)
     if hint:
         print(f"sitefit: try it with the demo phantom:\n  {hint}", flush=True)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    config = uvicorn.Config(create_app(settings), log_level="info")
+    uvicorn.Server(config).run(sockets=[listening])
     return 0
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port`` for uvicorn; a port in use or not ours to take is
+    one clear line, not a traceback after the URLs were printed."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror:
+        raise InvalidInputError(
+            f"cannot bind to {host!r}: not an address of this machine"
+        ) from None
+    listening = socket.socket(family, kind, proto)
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listening.bind(address)
+        listening.listen(2048)
+    except OSError as error:
+        listening.close()
+        if error.errno == errno.EADDRINUSE:
+            raise InvalidInputError(
+                f"port {port} on {host} is already in use (another sitefit serve?): stop it, "
+                "or choose another with --port or SITEFIT_PORT"
+            ) from None
+        raise InvalidInputError(
+            f"cannot listen on {host}:{port} ({error.strerror or type(error).__name__})"
+        ) from None
+    listening.set_inheritable(True)
+    return listening
 
 
 def demo_curl(settings: Settings) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -33,6 +34,23 @@ def test_serve_without_keys_refuses_a_public_address(service_home: Path) -> None
     )
     assert result.returncode == 1
     assert "not a loopback address" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_says_its_port_is_taken_before_printing_any_url(service_home: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "sitefit", "serve", "--port", str(port)],
+            env=_env(service_home),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1
+    assert f"port {port} on 127.0.0.1 is already in use" in result.stderr
+    assert "Traceback" not in result.stderr and "http://" not in result.stdout
 
 
 def test_serve_embedded_over_real_http(
