@@ -26,6 +26,7 @@ import sitefit
 from server.delivery import deliver_due
 from server.errors import install_error_handlers
 from server.metrics import MetricsMiddleware
+from server.offline_docs import install_offline_docs
 from server.queues import JobQueue
 from server.routes import deliveries, dicomweb, jobs, models, ops, sites
 from server.services import Services
@@ -64,12 +65,15 @@ def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
         version=sitefit.__version__,
         summary="Segmentation that adapts its early U-Net layers to each scanner site.",
         lifespan=lifespan,
+        docs_url=None,  # served by install_offline_docs, without a CDN
+        redoc_url=None,
     )
     app.state.services = services
     install_error_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=services.metrics)
     for module in (jobs, models, sites, deliveries, dicomweb, ops):
         app.include_router(module.router)
+    install_offline_docs(app)
     return app
 
 

@@ -21,8 +21,12 @@ from sitefit.report import Mode, Report
 
 class JobLinks(BaseModel):
     self: str = Field(description="this job's status")
-    mask: str = Field(description="the mask (NIfTI, the input's grid), once finished")
+    mask: str = Field(
+        description="the mask (NIfTI, the input's grid), once finished; ?variant=base: the "
+        "base model's"
+    )
     report: str = Field(description="the report (JSON), once finished")
+    preview: str = Field(description="the preview (PNG), once finished")
     seg: str | None = Field(
         default=None, description="the DICOM SEG, once finished (a DICOM series' job only)"
     )
@@ -31,7 +35,8 @@ class JobLinks(BaseModel):
     def of(cls, job_id: str, *, dicom: bool = False) -> JobLinks:
         base = f"/v1/jobs/{job_id}"
         seg = f"{base}/seg" if dicom else None
-        return cls(self=base, mask=f"{base}/mask", report=f"{base}/report", seg=seg)
+        return cls(self=base, mask=f"{base}/mask", report=f"{base}/report",
+                   preview=f"{base}/preview.png", seg=seg)  # fmt: skip
 
 
 class JobCreated(BaseModel):

@@ -9,6 +9,8 @@ Layout under ``$SITEFIT_HOME/jobs`` (one directory per job, named by its 32-hex 
     ID/reference.nii[.gz]  optional reference labels
     ID/progress.json       latest Progress (queued/running, stage, epoch, Dice trace)
     ID/mask.nii.gz         the result, on the input's grid
+    ID/mask_base.nii.gz    the base model's mask, on the input's grid (when mode_used is not none)
+    ID/preview.png         a montage of slices with the mask's outline (when it rendered)
     ID/report.json         the result's Report
     ID/seg.dcm             the result as a DICOM SEG (DICOM input only)
     ID/final.json          the terminal state (finished | failed | canceled), created once
@@ -54,6 +56,8 @@ INCOMING = ".incoming"
 RECORD, PROGRESS, FINAL = "job.json", "progress.json", "final.json"
 MASK, REPORT = "mask.nii.gz", "report.json"
 DICOM_DIR, SEG = "dicom", "seg.dcm"  # a DICOM job's source instances, and its DICOM SEG
+BASE_MASK = "mask_base.nii.gz"  # the base model's mask, when the output is not it
+PREVIEW = "preview.png"  # the result at a glance (worker.preview)
 
 
 class JobStorageError(SitefitError):

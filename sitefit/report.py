@@ -1,4 +1,4 @@
-"""The job report: the stable keys of ARCHITECTURE.md's report contract, as pydantic models.
+"""The job report: its stable keys (the report contract), as pydantic models.
 
 Top-level overlap figures of a multi-class model are the mean over its foreground classes
 (classes where a figure is undefined, i.e. both masks empty, are left out of the mean);
@@ -107,6 +107,40 @@ class Guard(BaseModel):
     signals: dict[str, Any]
 
 
+class Reproducibility(BaseModel):
+    """What the mask came from (docs/api.md, "Reproducing a result", says how to use it)."""
+
+    base_sha256: str = Field(description="sha256 of the base model's weights")
+    site_version: int | None = Field(description="site version the job started from (null: none)")
+    site_delta_sha256: str | None = Field(description="sha256 of that version's delta file")
+    saved_site_version: int | None = Field(
+        description="site version this job saved (null: none); the next job starts from it"
+    )
+    saved_site_delta_sha256: str | None = Field(description="sha256 of the saved delta file")
+    input_sha256: str = Field(
+        description="sha256 of the scan file the engine read (a DICOM series: its NIfTI "
+        "conversion, the job's stored scan)"
+    )
+    sitefit: str
+    torch: str
+    numpy: str
+    python: str
+    device: str = Field(description="the device, with its CPU thread count on a CPU")
+    numerics: str = Field(description="'fp32', or the autocast type and layout on a GPU")
+    deterministic_algorithms: bool = Field(
+        description="whether torch's deterministic algorithms were enforced"
+    )
+    settings: dict[str, Any] = Field(
+        description="the settings that steer the site policy, refinement and guard, by name: "
+        "SITEFIT_<NAME upper-cased> sets each again"
+    )
+    refinement: dict[str, Any] = Field(
+        description="the refinement's full configuration (settings and constants)"
+    )
+    guard: dict[str, Any] = Field(description="the guard's thresholds as applied")
+    seeds: dict[str, int] = Field(description="every seed: the refinement's slice shuffles")
+
+
 class Report(BaseModel):
     model: ModelIdentity
     site: str | None
@@ -128,3 +162,6 @@ class Report(BaseModel):
     guard: Guard | None = None
     warnings: list[str] = Field(default_factory=list)
     sitefit_version: str
+    reproducibility: Reproducibility | None = Field(
+        default=None, description="what the mask came from (null in reports stored before it was)"
+    )

@@ -51,8 +51,10 @@ from worker.inference import SlicePrediction, foreground_dice, predict
 from worker.nets import SegmentationNet
 from worker.policy import auto_fast_path
 from worker.preprocess import PreparedScan, prepare_scan
+from worker.preview import PreviewData
 from worker.refinement import RefineConfig, RefinementResult, refine
 from worker.report_blocks import guard_block, refinement_block, site_weights_block
+from worker.reproducibility import file_sha256, reproducibility_block
 from worker.site_update import Refined, save_next_version
 from worker.stopwatch import Stopwatch
 from worker.weights import build_net, load_numpy, load_state, mutable_state
@@ -84,6 +86,10 @@ class SegmentResult:
     mask: nib.Nifti1Image
     spec: ModelSpec  # the model that ran: its classes and codes name a DICOM SEG's segments
     seg_omit_empty_frames: bool = False  # Settings.seg_omit_empty_frames, for that SEG
+    # the base model's mask on the input's grid when the output is not it (mode_used is not
+    # "none"), for comparison; None: the mask is the base model's
+    base_mask: nib.Nifti1Image | None = None
+    preview: PreviewData | None = None  # what the preview (worker.preview) is drawn from
 
 
 @dataclass(frozen=True)
@@ -165,6 +171,7 @@ class Engine:
             check_site(request.site)
         spec = self.store.models.spec(request.model)
         scan = load_scan(request.scan, self.settings.max_voxels)
+        input_sha256 = file_sha256(request.scan)  # the file as read: the record's input
         clock.lap("load")
         reference = load_label_map(request.reference, like=scan) if request.reference else None
         clock.lap("reference")
@@ -196,6 +203,9 @@ class Engine:
         tolerance = self.settings.tolerance_mm
         figures = compute_figures(volumes, spec.classes, scan.spacing_mm, tolerance)
         mask = mask_to_image(final_after, scan.source)
+        base_mask = None
+        if outcome.mode_used != "none":
+            base_mask = mask_to_image(final_before, scan.source)
         clock.lap("metrics")
         if reference is not None:
             figures = add_reference(figures, volumes, spec.classes, scan.spacing_mm, tolerance,
@@ -226,10 +236,31 @@ class Engine:
             guard=guard_block(outcome.verdict),
             warnings=warnings,
             sitefit_version=sitefit.__version__,
+            reproducibility=reproducibility_block(
+                spec=spec,
+                input_sha256=input_sha256,
+                device=self.device,
+                device_name=describe(self.device),
+                settings=self.settings,
+                refine=self.refine_config(),
+                guard=self.guard_config(),
+                site_used=outcome.site_used,
+                site_saved=outcome.site_saved,
+            ),
+        )
+        preview = PreviewData(
+            image=scan.data,
+            mask=final_after,
+            base=None if outcome.after is base else final_before,
+            slice_axis=spec.slice_axis,
+            spacing_mm=scan.spacing_mm,
+            classes=spec.classes,
+            title=f"{spec.name}@{spec.version}, mode {outcome.mode_used}",
         )
         notify(Progress("done"))
         return SegmentResult(report=report, mask=mask, spec=spec,
-                             seg_omit_empty_frames=self.settings.seg_omit_empty_frames)  # fmt: skip
+                             seg_omit_empty_frames=self.settings.seg_omit_empty_frames,
+                             base_mask=base_mask, preview=preview)  # fmt: skip
 
     def _site_model(
         self, request: SegmentRequest, spec: ModelSpec, warnings: list[str]

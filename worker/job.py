@@ -8,11 +8,14 @@ reads it, and is also where cancellation and the time limit are noticed: a job w
 terminal state was claimed by someone else (``DELETE``) stops with :class:`JobCanceled`, one
 past its deadline fails with :class:`JobTimedOut`.
 
-Outcomes: ``finished`` (mask and report stored, and for a DICOM series its DICOM SEG),
+Outcomes: ``finished`` (mask and report stored, the base model's mask when the output is not
+it, the preview, and for a DICOM series its DICOM SEG),
 ``failed`` (the error's one-line message stored; caller errors and engine errors alike, a SEG
 that cannot be built included), ``canceled`` (stopped, results discarded) or
 ``skipped`` (the job had already ended or was deleted before it started). Unexpected
-exceptions are recorded as failed and re-raised so the worker logs the traceback.
+exceptions are recorded as failed and re-raised so the worker logs the traceback. A preview
+that cannot be rendered fails nothing: the job finishes without one, and its report's
+``warnings`` says so.
 """
 
 from __future__ import annotations
@@ -25,13 +28,24 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from sitefit.exceptions import SitefitError
-from sitefit.job_store import DICOM_DIR, JOB_FILE_MODE, MASK, REPORT, SEG, JobStore, storage_error
+from sitefit.job_store import (
+    BASE_MASK,
+    DICOM_DIR,
+    JOB_FILE_MODE,
+    MASK,
+    PREVIEW,
+    REPORT,
+    SEG,
+    JobStore,
+    storage_error,
+)
 from sitefit.jobs import JobNotFoundError, JobRecord, Progress
 from sitefit.report import Report
 from sitefit.seg import SegDescription, segments_of, write_seg
 from sitefit.volume import save_image_atomic
 from worker.engine import Progress as EngineProgress
 from worker.engine import ProgressCallback, SegmentRequest, SegmentResult
+from worker.preview import render_preview
 
 log = logging.getLogger("sitefit.worker")
 Outcome = Literal["finished", "failed", "canceled", "skipped"]
@@ -127,6 +141,9 @@ def run_job(
         if store.is_ended(job_id):  # another attempt finished, or the job was canceled
             raise JobCanceled(job_id)
         save_image_atomic(result.mask, store.path(job_id, MASK), mode=JOB_FILE_MODE)
+        if result.base_mask is not None:
+            save_image_atomic(result.base_mask, store.path(job_id, BASE_MASK), mode=JOB_FILE_MODE)
+        _write_preview(store, job_id, result)
         if record.source_format == "dicom":
             _write_seg(store, job_id, result)
         store.write_result(job_id, REPORT, result.report.model_dump_json(indent=2).encode())
@@ -146,6 +163,22 @@ def run_job(
     log.info("job %s: %s after %.2f s", job_id, outcome, seconds)
     _notify(observer, JobEnded(record, outcome, attempt, seconds, report))
     return outcome
+
+
+def _write_preview(store: JobStore, job_id: str, result: SegmentResult) -> None:
+    """Store the job's preview. One that cannot be rendered is logged and named in the
+    report's warnings, and the job goes on: a missing picture is no reason to lose a mask."""
+    if result.preview is None:
+        return
+    try:
+        png = render_preview(result.preview)
+    except Exception as error:
+        log.exception("job %s: preview not rendered", job_id)
+        result.report.warnings.append(
+            f"no preview: it could not be rendered ({type(error).__name__})"
+        )
+        return
+    store.write_result(job_id, PREVIEW, png)
 
 
 def _write_seg(store: JobStore, job_id: str, result: SegmentResult) -> None:
@@ -181,13 +214,13 @@ def _fail(store: JobStore, job_id: str, reason: str) -> Outcome:
 
 
 def _discard_results(store: JobStore, job_id: str) -> None:
-    """Remove this attempt's mask, SEG and report from a job it did not finish, unless another
+    """Remove this attempt's results from a job it did not finish, unless another
     attempt finished it: the files are that attempt's (or as good), and its job reads
     finished."""
     with contextlib.suppress(SitefitError):
         if store.state(job_id).status == "finished":
             return
-    for name in (MASK, SEG, REPORT):
+    for name in (MASK, BASE_MASK, PREVIEW, SEG, REPORT):
         with contextlib.suppress(OSError, SitefitError):
             store.path(job_id, name).unlink(missing_ok=True)
 

@@ -1,5 +1,5 @@
-"""``/v1/jobs``: upload a scan (202), poll its status, download mask, report and (for a DICOM
-series) the DICOM SEG, cancel.
+"""``/v1/jobs``: upload a scan (202), poll its status, download mask (the output, or the base
+model's), report, preview and (for a DICOM series) the DICOM SEG, cancel.
 
 Upload order, so that bad input never reaches the queue: key and content type, queue
 reachable, body streamed into a private staging directory within the size limit, fields
@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from typing import Annotated, BinaryIO
+from typing import Annotated, BinaryIO, Literal
 
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -35,7 +35,15 @@ from server.errors import responses as error_responses
 from server.schemas import JobCreated, JobDeleted, JobLinks, JobList, JobView
 from server.services import Services, ServicesDep
 from server.validation import check_reference, check_scan
-from sitefit.job_store import MASK, REPORT, SEG, JobStorageError, storage_error
+from sitefit.job_store import (
+    BASE_MASK,
+    MASK,
+    PREVIEW,
+    REPORT,
+    SEG,
+    JobStorageError,
+    storage_error,
+)
 from sitefit.jobs import (
     JobNotFoundError,
     JobRecord,
@@ -257,9 +265,50 @@ def _require_finished(state: JobState) -> None:
     },
     summary="The mask, on the input's voxel grid and affine",
 )
-def get_mask(job_id: JobId, services: ServicesDep, caller: CallerDep) -> StreamingResponse:
+def get_mask(
+    job_id: JobId,
+    services: ServicesDep,
+    caller: CallerDep,
+    variant: Annotated[
+        Literal["adapted", "base"],
+        Query(
+            description="adapted: the job's output (site weights or refinement applied, as "
+            "the report's mode_used says); base: the base model's mask of the same scan"
+        ),
+    ] = "adapted",
+) -> StreamingResponse:
     _require_finished(_owned(services, caller, job_id))
-    return _download(services, job_id, MASK, "mask", "application/gzip", "_mask.nii.gz")
+    if variant == "adapted":
+        return _download(services, job_id, MASK, "mask", "application/gzip", "_mask.nii.gz")
+    name = BASE_MASK
+    if not services.store.path(job_id, BASE_MASK).exists():
+        # kept only when the output is not the base model's; otherwise the mask is it
+        if _report(services, job_id).mode_used != "none":
+            raise ResultNotReadyError(f"job {job_id} has no base model mask")
+        name = MASK
+    return _download(services, job_id, name, "base model mask", "application/gzip",
+                     "_mask_base.nii.gz")  # fmt: skip
+
+
+@router.get(
+    "/{job_id}/preview.png",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"image/png": {}}, "description": "PNG montage of the mask's outline"},
+        **error_responses(404, 409, 500),
+    },
+    summary="A preview: evenly spaced slices with the mask's outline, and the base model's "
+    "where it differs",
+)
+def get_preview(job_id: JobId, services: ServicesDep, caller: CallerDep) -> StreamingResponse:
+    state = _owned(services, caller, job_id)
+    if state.status in ("failed", "canceled"):
+        raise NoSuchResultError(f"job {job_id} has no preview: it is {state.status}")
+    _require_finished(state)
+    if not services.store.path(job_id, PREVIEW).exists():
+        raise NoSuchResultError(f"job {job_id} has no preview (see its report's warnings)")
+    return _download(services, job_id, PREVIEW, "preview", "image/png", "_preview.png",
+                     inline=True)  # fmt: skip
 
 
 @router.get(
@@ -280,10 +329,18 @@ def get_seg(job_id: JobId, services: ServicesDep, caller: CallerDep) -> Streamin
 
 
 def _download(
-    services: Services, job_id: str, name: str, what: str, media_type: str, suffix: str
+    services: Services,
+    job_id: str,
+    name: str,
+    what: str,
+    media_type: str,
+    suffix: str,
+    *,
+    inline: bool = False,
 ) -> StreamingResponse:
-    """A result file as an attachment. Opened here, not by the response later: a job deleted
-    (or swept) meanwhile is a 409, and one deleted while the file streams still streams."""
+    """A result file as an attachment (``inline``: to be shown, as an image in a page).
+    Opened here, not by the response later: a job deleted (or swept) meanwhile is a 409, and
+    one deleted while the file streams still streams."""
     try:
         handle = services.store.path(job_id, name).open("rb")
     except (FileNotFoundError, IsADirectoryError):
@@ -291,9 +348,10 @@ def _download(
     except OSError as error:
         raise storage_error(f"read the {what}", error) from None
     size = os.fstat(handle.fileno()).st_size
+    disposition = "inline" if inline else "attachment"
     headers = {
         "Content-Length": str(size),
-        "Content-Disposition": f'attachment; filename="{job_id}{suffix}"',
+        "Content-Disposition": f'{disposition}; filename="{job_id}{suffix}"',
     }
     return StreamingResponse(_stream(handle), media_type=media_type, headers=headers)
 

@@ -93,6 +93,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     segment.add_argument(
         "--seg", type=Path, help="write a DICOM SEG of the mask here (DICOM series input only)"
     )
+    segment.add_argument(
+        "--preview",
+        type=Path,
+        help="write a PNG preview here: slices with the mask's outline (and the base model's "
+        "where it differs)",
+    )
     segment.add_argument("--device", default=None, help="cpu, cuda or cuda:N")
     segment.add_argument("--quiet", action="store_true", help="print no progress")
     segment.set_defaults(handler=run_segment)
@@ -159,6 +165,10 @@ def run_segment(args: argparse.Namespace) -> int:
     output_file(args.out, "--out")
     if args.report:
         output_file(args.report, "--report")
+    if args.preview:
+        output_file(args.preview, "--preview")
+        if args.preview.suffix.lower() != ".png":
+            raise InvalidInputError(f"--preview {args.preview}: the preview is written as .png")
     dicom = args.scan.is_dir() or zipfile.is_zipfile(args.scan)
     if args.seg:
         output_file(args.seg, "--seg")
@@ -188,6 +198,15 @@ def run_segment(args: argparse.Namespace) -> int:
                 description=SegDescription.of(result.report),
                 omit_empty_frames=result.seg_omit_empty_frames,
             )
+    preview = None
+    if args.preview and result.preview is not None:  # rendered before any output is written
+        from worker.preview import render_preview
+
+        try:
+            preview = render_preview(result.preview)
+        except Exception as error:  # as in a job: a missing picture costs no mask
+            name = type(error).__name__
+            result.report.warnings.append(f"no preview: it could not be rendered ({name})")
     from sitefit.volume import save_image_atomic
 
     try:
@@ -208,9 +227,17 @@ def run_segment(args: argparse.Namespace) -> int:
             write_atomic(args.seg, seg_bytes(seg), mode=JOB_FILE_MODE)
         except OSError as error:
             raise written(args.seg, "--seg", error) from None
+    if preview is not None:
+        from sitefit.durable import write_atomic
+
+        try:
+            write_atomic(args.preview, preview)
+        except OSError as error:
+            raise written(args.preview, "--preview", error) from None
     print(summarize(result.report))
     outputs = [f"mask: {args.out}"]
     outputs += [f"report: {args.report}"] if args.report else []
+    outputs += [f"preview: {args.preview}"] if preview is not None else []
     outputs += [f"seg: {args.seg}"] if seg is not None else []
     print("  ".join(outputs))
     return 0

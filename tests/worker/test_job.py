@@ -13,7 +13,16 @@ import pydicom
 import pytest
 
 from sitefit.dicom import series_dir_to_nifti
-from sitefit.job_store import DICOM_DIR, JOB_FILE_MODE, MASK, REPORT, SEG, JobStore
+from sitefit.job_store import (
+    BASE_MASK,
+    DICOM_DIR,
+    JOB_FILE_MODE,
+    MASK,
+    PREVIEW,
+    REPORT,
+    SEG,
+    JobStore,
+)
 from sitefit.jobs import JobRecord, new_job_id
 from sitefit.phantoms.dicom_series import write_dicom_series
 from sitefit.report import Mode, Report
@@ -23,6 +32,7 @@ from tests.sitefit.test_seg import assert_seg_follows_mask, dciodvfy_errors
 from tests.stored_jobs import publish_job
 from worker.engine import Engine, Progress, ProgressCallback, SegmentRequest, SegmentResult
 from worker.job import JobEnded, run_job
+from worker.preview import MAX_BYTES, PreviewData
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +78,8 @@ def test_unusable_scan_fails_with_the_engines_message(
     assert run_job(job_id, store, engine) == "failed"
     state = store.state(job_id)
     assert state.status == "failed" and "every voxel has the value 1" in (state.error or "")
-    assert not store.path(job_id, MASK).exists()
+    for name in (MASK, BASE_MASK, PREVIEW, REPORT):
+        assert not store.path(job_id, name).exists(), name
 
 
 class _CancelWhileSegmenting:
@@ -261,7 +272,7 @@ def test_a_seg_that_cannot_be_built_fails_the_job_and_leaves_nothing(
     assert run_job(job_id, store, engine) == "failed"
     state = store.state(job_id)
     assert state.error == "DICOM SEG: the mask is not on the source series' voxel grid"
-    for name in (MASK, SEG, REPORT):
+    for name in (MASK, PREVIEW, SEG, REPORT):  # the preview, stored before the SEG, went too
         assert not store.path(job_id, name).exists(), name
 
 
@@ -275,3 +286,60 @@ def test_jobs_without_source_instances_have_no_seg(
     for job_id in (nifti, dicom):
         assert run_job(job_id, store, engine) == "finished"
         assert store.path(job_id, MASK).exists() and not store.path(job_id, SEG).exists()
+
+
+# -- the base model's mask and the preview ------------------------------------------------------
+
+
+def _png(path: Path) -> bytes:
+    data = path.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and 0 < len(data) <= MAX_BYTES
+    assert stat.S_IMODE(path.stat().st_mode) == JOB_FILE_MODE
+    return data
+
+
+def test_an_adapted_job_keeps_the_base_models_mask_and_every_job_a_preview(
+    tmp_path: Path, engine: Engine, brain_model: str, shifted_brain_case: PhantomCase
+) -> None:
+    store = _store(tmp_path)
+    adapted = _publish(store, shifted_brain_case.image, brain_model, mode="adapt")
+    base = _publish(store, shifted_brain_case.image, brain_model, mode="none")
+    for job_id in (adapted, base):
+        assert run_job(job_id, store, engine) == "finished"
+        _png(store.path(job_id, PREVIEW))
+    kept = store.path(adapted, BASE_MASK)
+    assert stat.S_IMODE(kept.stat().st_mode) == JOB_FILE_MODE
+    kept_image, base_image = nib.load(kept), nib.load(store.path(base, MASK))
+    # the base model's mask of the adapted job is the mask a job of mode none made: same
+    # labels, on the input's grid
+    assert np.array_equal(np.asarray(kept_image.dataobj), np.asarray(base_image.dataobj))
+    np.testing.assert_array_equal(kept_image.affine, nib.load(shifted_brain_case.image).affine)
+    assert not store.path(base, BASE_MASK).exists()  # mode none: the mask is the base's
+
+
+class _UnrenderablePreview:
+    """The real engine, its preview's mask replaced by one on another grid: rendering fails."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def run(
+        self, request: SegmentRequest, progress: ProgressCallback | None = None
+    ) -> SegmentResult:
+        result = self.engine.run(request, progress)
+        assert result.preview is not None
+        image = result.preview.image
+        result.preview = PreviewData(image, np.zeros((2, 2, 2), np.uint8), None, 2,
+                                     (1.0, 1.0, 1.0), {1: "x"}, "t")  # fmt: skip
+        return result
+
+
+def test_a_preview_that_cannot_be_rendered_fails_nothing(
+    tmp_path: Path, engine: Engine, brain_model: str, shifted_brain_case: PhantomCase
+) -> None:
+    store = _store(tmp_path)
+    job_id = _publish(store, shifted_brain_case.image, brain_model, mode="none")
+    assert run_job(job_id, store, _UnrenderablePreview(engine)) == "finished"
+    assert store.path(job_id, MASK).exists() and not store.path(job_id, PREVIEW).exists()
+    report = Report.model_validate_json(store.path(job_id, REPORT).read_bytes())
+    assert report.warnings == ["no preview: it could not be rendered (PreviewError)"]

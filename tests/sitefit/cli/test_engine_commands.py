@@ -386,3 +386,50 @@ def test_train_refuses_a_class_without_a_code_in_one_line(
     assert err[0].startswith(f"sitefit: error: {dataset / 'dataset.json'}: class 'lesion' has no")
     assert '"codes": {"lesion": {"scheme": "SCT"' in err[0]
     assert BaseModelRegistry(tmp_path / "home" / "models").versions("no-codes") == []
+
+
+def test_segment_writes_a_preview(
+    env_home: Settings,
+    brain_model: str,
+    shifted_brain_case: PhantomCase,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from PIL import Image
+
+    from worker.preview import MAX_BYTES
+
+    out, preview = tmp_path / "mask.nii.gz", tmp_path / "preview.png"
+    argv = ["segment", str(shifted_brain_case.image), "--model", brain_model, "--mode", "adapt"]
+    assert main([*argv, "--out", str(out), "--preview", str(preview), "--quiet"]) == 0
+    assert f"preview: {preview}" in capsys.readouterr().out
+    assert 0 < preview.stat().st_size <= MAX_BYTES
+    with Image.open(preview) as image:
+        image.load()
+        assert image.format == "PNG" and image.width > 100 and image.height > 100
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("preview.jpg", "the preview is written as .png"),
+        ("nowhere/preview.png", "does not exist"),
+        (".", "is a folder"),
+    ],
+)
+def test_an_unwritable_preview_is_refused_before_the_run(
+    name: str,
+    message: str,
+    env_home: Settings,
+    brain_model: str,
+    shifted_brain_case: PhantomCase,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "m.nii.gz"
+    argv = ["segment", str(shifted_brain_case.image), "--model", brain_model, "--quiet"]
+    code = main([*argv, "--out", str(out), "--preview", str(tmp_path / name)])
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and err[0].startswith("sitefit: error: --preview "), err
+    assert message in err[0] and not out.exists()  # nothing ran
