@@ -2,9 +2,9 @@
 
 Refinement minimises the early head's disagreement with the final output, so self-consistency
 after refinement can be high while the final mask has been dragged somewhere wrong
-(docs/method.md, "What the gains come from"). The guard looks elsewhere, at every epoch, comparing the
-epoch's prediction with the starting weights' (the prediction refinement already computes
-after each epoch: no extra forward pass). An epoch fails when
+(docs/method.md, "What the gains come from"). The guard looks elsewhere, at every epoch,
+comparing the epoch's prediction with the starting weights' (the prediction refinement already
+computes after each epoch: no extra forward pass). An epoch fails when
 
 - ``empty``: its final mask lost every foreground voxel the start had;
 - ``agreement`` (Dice of the start's and the epoch's final masks) < ``min_agreement``;
