@@ -29,10 +29,12 @@ run: $(STAMP)
 
 # The integration tests start a private redis-server and Orthanc (with its DICOMweb plugin),
 # send with dcmtk and validate SEGs with dicom3tools; the deploy tests validate docker-compose.yml
-# and the Prometheus config (promtool comes with Debian's prometheus): install what is missing.
+# and the Prometheus config (promtool comes with Debian's prometheus); the web page's tests
+# drive Debian's chromium with its chromedriver: install what is missing.
 SYSTEM_TOOLS := redis-server:redis-server Orthanc:orthanc \
 	/usr/share/orthanc/plugins/libOrthancDicomWeb.so:orthanc-dicomweb storescu:dcmtk \
-	dciodvfy:dicom3tools docker-compose:docker-compose promtool:prometheus
+	dciodvfy:dicom3tools docker-compose:docker-compose promtool:prometheus \
+	chromium:chromium chromedriver:chromium-driver
 system-tools:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do tool=$${pair%%:*}; package=$${pair#*:}; \
 		{ command -v $$tool >/dev/null 2>&1 || test -e $$tool; } || missing="$$missing $$package"; \

@@ -28,7 +28,7 @@ from server.errors import install_error_handlers
 from server.metrics import MetricsMiddleware
 from server.offline_docs import install_offline_docs
 from server.queues import JobQueue
-from server.routes import deliveries, dicomweb, jobs, models, ops, sites
+from server.routes import deliveries, dicomweb, jobs, models, ops, sites, ui
 from server.services import Services
 from sitefit import defaults
 from sitefit.settings import Settings
@@ -71,7 +71,7 @@ def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
     app.state.services = services
     install_error_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=services.metrics)
-    for module in (jobs, models, sites, deliveries, dicomweb, ops):
+    for module in (jobs, models, sites, deliveries, dicomweb, ops, ui):
         app.include_router(module.router)
     install_offline_docs(app)
     return app

@@ -88,6 +88,7 @@ def run_serve(args: argparse.Namespace) -> int:
         print("sitefit: embedded mode: jobs run in this process (SITEFIT_REDIS_URL unset)")
     else:
         print(f"sitefit: jobs are queued on {redacted(settings.redis_url)} for `sitefit worker`")
+    print(f"sitefit: web page at http://{settings.host}:{settings.port}/ui/", flush=True)
     print(f"sitefit: API docs at http://{settings.host}:{settings.port}/docs", flush=True)
     hint = demo_curl(settings)
     if hint:
