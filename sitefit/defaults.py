@@ -121,12 +121,8 @@ MODEL_CACHE_BYTES = 2 * 1024**3
 # The statistics-only default (REFINE_LR 0) optimises no figure, so there the self-consistency
 # check only bounds a fall: its own calibration ("Adaptation guard: calibration for the product
 # default") scores -0.05 the same as no check on both seeds and found no agreement or volume
-# threshold that keeps the gains. On the demo scan (`sitefit demo`, c15t) with the third
-# session's demo model the momentum loop lowered the true surface Dice (0.323 -> 0.191
-# unguarded) while Dice(early, final) slid from 0.730 to 0.643: -0.05 stopped the slide at
-# epoch 4 (0.203). The fourth session's demo model (retrained on another machine) gains there
-# (0.541 -> 0.591). On the speed benchmark's volume the same bound rejects the scan's
-# statistics (a helpful refinement) and keeps 0.75 of the way (docs/method.md).
+# threshold that keeps the gains. On the speed benchmark's volume the same bound rejects the
+# scan's statistics (a helpful refinement) and keeps 0.75 of the way (docs/method.md).
 GUARD_MAX_VOLUME_CHANGE = float("inf")  # relative change of any class's predicted volume
 GUARD_MIN_AGREEMENT = 0.0  # Dice(start final mask, refined final mask)
 GUARD_MIN_CONSISTENCY_GAIN = 0.05  # an epoch's Dice(early, final) must reach the start's + this
