@@ -98,7 +98,10 @@ def test_deleted_and_expired_jobs_are_clean_404s(
         second = upload(api, shifted_brain_case.image, brain_model).json()["id"]
         wait_for_status(api, second, ("finished",))
         deleted = api.delete(f"/v1/jobs/{first}")
-        assert deleted.status_code == 200 and deleted.json()["status"] in ("finished", "canceled")
+        # with a retention of 1 s, a loaded machine may have expired the first job already
+        if deleted.status_code != 404:
+            assert deleted.status_code == 200, deleted.text
+            assert deleted.json()["status"] in ("finished", "canceled")
         # past the 1 s retention the maintenance loop deletes the data; on a loaded machine
         # the loop may run late, so wait for it (bounded) rather than for a fixed time
         deadline = time.monotonic() + 20
