@@ -170,6 +170,20 @@ class Settings(BaseSettings):
     maintenance_interval_s: float = Field(
         default=5.0, gt=0, description="How often the API reaps dead jobs and expired data."
     )
+    warm_routing: bool = Field(
+        default=True,
+        description="Send a job for a site to a worker that holds the site's weights warm "
+        "(each worker also listens on a queue of its own); off: every job goes to the shared "
+        "queue. API and workers may differ: a job is only routed to a worker that says so.",
+    )
+    warm_routing_wait_s: float = Field(
+        default=2.0,
+        ge=0.1,
+        le=60,
+        description="A job routed to a warm worker that has not started it after this long "
+        "(busy, or gone) moves to the shared queue. Above 60 s a dead worker would hold its "
+        "jobs back for minutes; below 0.1 s the API would poll Redis without pause.",
+    )
 
     # --- PACS: DIMSE listener, DICOMweb, routes and destinations, DICOM SEG ---------------
     # Read by `sitefit dicom-listener`, `sitefit serve` and the job; docs/pacs.md.

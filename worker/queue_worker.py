@@ -17,18 +17,32 @@ worker killed with ``-9`` stops renewing; the entry expires, and the registry cl
 the API's maintenance loop, see ``server/queue_redis.py``, and by workers' own maintenance)
 treats the job as abandoned: RQ retries it while ``Retry(max=job_retries)`` allows, then
 fails it with ``AbandonedJobError``; the API copies that outcome into the job store.
+
+Warm routing (``Settings.warm_routing``): the worker also listens, before the shared queue,
+on a queue of its own, ``<queue>:w:<id>`` (``id``: random, one per process), and keeps a
+record in Redis (:class:`~worker.rq_jobs.WarmKeys`) of the job it runs and of the site
+weights its engine holds warm, rewritten after each job and renewed every heartbeat by a
+thread for as long as the process lives (it expires three heartbeats after the process died).
+The API sends a site's jobs to a live worker warm for it and moves them to the shared queue
+if that worker has not started them after ``warm_routing_wait_s``. A job taken from the own
+queue is run as a job of the shared queue it belongs to (its registry, its retries), so a
+worker killed with it is handled as above. A worker that stops cleanly deletes its record
+and hands the jobs still in its own queue back to the shared queue at once.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
 from prometheus_client import CollectorRegistry, start_http_server
+from redis.typing import EncodableT
 from rq import Queue
 from rq.exceptions import StopRequested
 from rq.executions import Execution
@@ -40,7 +54,14 @@ from rq.worker import SimpleWorker, WorkerStatus
 from sitefit.job_store import JobStore
 from sitefit.settings import Settings
 from worker.job import JobTimedOut, run_job
-from worker.rq_jobs import SitefitJob, UntrustedJobError, bound_job_class
+from worker.rq_jobs import (
+    BUSY_FIELD,
+    SitefitJob,
+    UntrustedJobError,
+    WarmKeys,
+    bound_job_class,
+    warm_field,
+)
 
 log = logging.getLogger("sitefit.worker")
 
@@ -52,12 +73,100 @@ class _TimeLimit(UnixSignalDeathPenalty):
         raise JobTimedOut(f"job exceeded its time limit of {self._timeout} s")
 
 
+class WarmPresence:
+    """This worker's warm record and own queue (see the module docs); Redis errors are
+    logged, never raised: warm routing is an optimisation, the shared queue still works."""
+
+    def __init__(
+        self,
+        connection: redis.Redis,
+        queue: str,
+        heartbeat_s: int,
+        held: Callable[[], dict[str, int]],
+    ) -> None:
+        self.connection = connection
+        self.keys = WarmKeys(queue)
+        self.shared_queue = queue
+        self.worker_id = secrets.token_hex(8)
+        self.ttl_s = 3 * heartbeat_s
+        self.heartbeat_s = heartbeat_s
+        self.held = held  # warm_field -> newest site version the engine holds
+        self.busy = ""  # the job running now
+
+    @property
+    def own_queue(self) -> str:
+        return self.keys.own_queue(self.worker_id)
+
+    def publish(self) -> None:
+        """Write the whole record afresh: what is warm now, and the job running."""
+        fields: dict[EncodableT, EncodableT] = {BUSY_FIELD: self.busy}
+        fields.update(self.held())
+        key = self.keys.record(self.worker_id)
+        try:
+            with self.connection.pipeline() as pipe:
+                pipe.delete(key)
+                pipe.hset(key, mapping=fields)
+                pipe.expire(key, self.ttl_s)
+                pipe.sadd(self.keys.workers, self.worker_id)
+                pipe.execute()
+        except redis.RedisError as error:
+            log.warning("cannot publish the warm-routing record (%s)", type(error).__name__)
+
+    def running(self, job_id: str) -> None:
+        self.busy = job_id
+        key = self.keys.record(self.worker_id)
+        try:
+            with self.connection.pipeline() as pipe:
+                pipe.hset(key, BUSY_FIELD, job_id)
+                pipe.expire(key, self.ttl_s)  # never a record without expiry
+                pipe.execute()
+        except redis.RedisError as error:
+            log.warning("cannot publish the warm-routing record (%s)", type(error).__name__)
+
+    def idle(self) -> None:
+        self.busy = ""
+        self.publish()  # the job may have warmed (or evicted) a site's weights
+
+    def renew(self) -> None:
+        try:
+            with self.connection.pipeline() as pipe:
+                pipe.expire(self.keys.record(self.worker_id), self.ttl_s)
+                pipe.sadd(self.keys.workers, self.worker_id)  # in case the API pruned it
+                renewed = pipe.execute()[0]
+        except redis.RedisError as error:
+            log.debug("cannot renew the warm-routing record (%s)", type(error).__name__)
+            return
+        if not renewed:  # Redis lost it (restarted): write it again
+            self.publish()
+
+    def keep_alive(self, stop: threading.Event) -> None:
+        """Renew the record every heartbeat until ``stop`` is set (a thread's target)."""
+        while not stop.wait(self.heartbeat_s):
+            self.renew()
+
+    def withdraw(self) -> None:
+        """Say this worker is gone, and hand what waits in its own queue to the shared one."""
+        shared = Queue.redis_queue_namespace_prefix + self.shared_queue
+        try:
+            self.connection.delete(self.keys.record(self.worker_id))
+            self.connection.srem(self.keys.workers, self.worker_id)
+            moved = 0
+            while self.connection.lmove(self.keys.own_list(self.worker_id), shared) is not None:
+                moved += 1
+        except redis.RedisError as error:  # the API moves them when their wait is over
+            log.warning("cannot withdraw the warm-routing record (%s)", type(error).__name__)
+            return
+        if moved:
+            log.info("handed %d job(s) waiting for this worker to the shared queue", moved)
+
+
 class SitefitWorker(SimpleWorker):
     """SimpleWorker (no fork) with a heartbeat thread while a job runs (see module docs)."""
 
     death_penalty_class = _TimeLimit
     heartbeat_s = 10
     stopping: threading.Event | None = None  # set by run_worker's handler before RQ's are in
+    presence: WarmPresence | None = None  # with warm routing: this worker's record
 
     def _install_signal_handlers(self) -> None:
         super()._install_signal_handlers()
@@ -65,6 +174,17 @@ class SitefitWorker(SimpleWorker):
             # a signal came while work() bootstrapped, before its handlers: honour it now
             self.stop_requested_by_signal = True
             self._stop_requested = True
+
+    def subscribe(self) -> None:
+        """RQ's subscription to its command channel, with a listener that wakes every second
+        rather than every minute: when the worker stops, RQ waits for that listener with no
+        limit (redis-py's ``PubSubWorkerThread.stop``), so a stop could take up to a minute."""
+        self.pubsub = self.connection.pubsub()
+        self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
+        thread: Any = self.pubsub.run_in_thread(  # RQ declares the attribute as None
+            sleep_time=1, daemon=True, exception_handler=self._pubsub_exception_handler
+        )
+        self.pubsub_thread = thread
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return 3 * self.heartbeat_s
@@ -88,6 +208,22 @@ class SitefitWorker(SimpleWorker):
             self.set_state(state)
         super().heartbeat(timeout, pipeline)
 
+    def dequeue_job_and_maintain_ttl(
+        self, timeout: int | None, max_idle_time: int | None = None
+    ) -> tuple[Job, Queue] | None:
+        """RQ's dequeue; a job taken from this worker's own queue is handed on as a job of
+        the shared queue, its origin: its execution, heartbeats, end and retries are all
+        recorded there, where the API's registry cleanup finds a dead worker's job."""
+        result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        presence = self.presence
+        if result is None or presence is None:
+            return result
+        job, queue = result
+        if queue.name == presence.own_queue and job.origin == presence.shared_queue:
+            shared = next(q for q in self.queues if q.name == presence.shared_queue)
+            return job, shared
+        return result
+
     def execute_job(self, job: Job, queue: Queue) -> None:
         execution = self.prepare_execution(job)
         done = threading.Event()
@@ -95,11 +231,15 @@ class SitefitWorker(SimpleWorker):
             target=self._beat, args=(job, execution, done), name="rq-heartbeat", daemon=True
         )
         beat.start()
+        if self.presence is not None:
+            self.presence.running(job.id)
         try:
             self.perform_job(job, queue, execution)
         finally:
             done.set()
             beat.join()
+            if self.presence is not None:
+                self.presence.idle()
         self.set_state(WorkerStatus.IDLE)
 
     def keeps_beating(self, job: Job, working_s: float) -> bool:
@@ -152,6 +292,27 @@ def run_worker(settings: Settings, metrics_port: int | None = None, *, burst: bo
 
     job_class = bound_job_class(runner)
     connection = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5)
+    queues = [settings.queue_name]
+    presence: WarmPresence | None = None
+    present = threading.Event()  # set to stop the warm record's renewal thread
+    if settings.warm_routing:
+
+        def held() -> dict[str, int]:
+            warm: dict[str, int] = {}
+            cached = engine.site_models.keys()  # a snapshot, taken under the cache's lock
+            for key in cached:
+                field = warm_field(key.model, key.site)
+                warm[field] = max(warm.get(field, 0), key.site_version)
+            return warm
+
+        presence = WarmPresence(connection, settings.queue_name, settings.worker_heartbeat_s,
+                                held)  # fmt: skip
+        queues.insert(0, presence.own_queue)  # its own jobs first
+        presence.publish()
+        threading.Thread(
+            target=presence.keep_alive, args=(present,), name="warm-record", daemon=True
+        ).start()
+        log.info("warm routing: this worker's own queue is %s", presence.own_queue)
     stopping = threading.Event()  # set by a handler and polled, never waited on: a wait in
     # the thread the handler interrupts could deadlock on the Event's own lock
 
@@ -174,7 +335,7 @@ def run_worker(settings: Settings, metrics_port: int | None = None, *, burst: bo
             started = time.monotonic()
             try:  # building the worker talks to Redis too (CLIENT SETNAME): Redis may be down
                 worker = SitefitWorker(
-                    [settings.queue_name],
+                    queues,
                     connection=connection,
                     job_class=job_class,
                     serializer=JSONSerializer,
@@ -182,6 +343,7 @@ def run_worker(settings: Settings, metrics_port: int | None = None, *, burst: bo
                 )
                 worker.heartbeat_s = settings.worker_heartbeat_s
                 worker.stopping = stopping
+                worker.presence = presence
                 if not stopping.is_set():
                     worker.work(burst=burst, logging_level="INFO")
             except redis.RedisError as error:
@@ -207,6 +369,17 @@ def run_worker(settings: Settings, metrics_port: int | None = None, *, burst: bo
         return serve()
     except StopRequested:  # RQ's handler, left installed, fired out of its loop: a clean stop
         return 0
+    finally:
+        present.set()
+        if presence is not None:
+            presence.withdraw()
 
 
-__all__ = ["SitefitJob", "SitefitWorker", "UntrustedJobError", "bound_job_class", "run_worker"]
+__all__ = [
+    "SitefitJob",
+    "SitefitWorker",
+    "UntrustedJobError",
+    "WarmPresence",
+    "bound_job_class",
+    "run_worker",
+]

@@ -11,8 +11,10 @@ callbacks at all. The API uses it too for its queue and registry cleanup. No tor
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import ClassVar
 
+from rq import Queue
 from rq.job import Job
 
 from sitefit.jobs import QUEUED_FUNCTION, check_job_id
@@ -61,4 +63,57 @@ def bound_job_class(runner: Runner) -> type[SitefitJob]:
     return type("BoundSitefitJob", (SitefitJob,), {"runner": staticmethod(runner)})
 
 
-__all__ = ["Runner", "SitefitJob", "UntrustedJobError", "bound_job_class"]
+BUSY_FIELD = "@busy"  # in a warm record: the job the worker runs now, "" when idle
+
+
+@dataclass(frozen=True)
+class WarmKeys:
+    """The Redis names of warm routing on the RQ queue ``queue``.
+
+    - :meth:`own_queue` ``<queue>:w:<worker>``: an RQ queue name; the worker's own list of job
+      ids, which it takes from before the shared queue. The jobs in it belong to the shared
+      queue (their RQ origin, registries and retries are the shared queue's).
+    - :meth:`record` (hash): what the worker says about itself: :data:`BUSY_FIELD`, and
+      ``MODEL/SITE`` -> the newest version of that site's weights it holds warm. It expires
+      three heartbeats after the worker last renewed it: a record that exists is a live
+      worker's.
+    - :attr:`workers` (set): the ids of workers that published a record (pruned by the API).
+    - :attr:`routed` (sorted set): ``"<worker> <job id>"`` -> the Unix time at which the job
+      moves to the shared queue unless the worker has taken it by then.
+    """
+
+    queue: str
+
+    def own_queue(self, worker: str) -> str:
+        return f"{self.queue}:w:{worker}"
+
+    def own_list(self, worker: str) -> str:
+        """The Redis list of :meth:`own_queue` (RQ's key of that queue)."""
+        return Queue.redis_queue_namespace_prefix + self.own_queue(worker)
+
+    def record(self, worker: str) -> str:
+        return f"sitefit:{self.queue}:warm:{worker}"
+
+    @property
+    def workers(self) -> str:
+        return f"sitefit:{self.queue}:warm-workers"
+
+    @property
+    def routed(self) -> str:
+        return f"sitefit:{self.queue}:routed"
+
+
+def warm_field(model: str, site: str) -> str:
+    """A warm record's field for a site's weights on a base model (``NAME`` or ``NAME@V``)."""
+    return f"{model.split('@', 1)[0]}/{site}"
+
+
+__all__ = [
+    "BUSY_FIELD",
+    "Runner",
+    "SitefitJob",
+    "UntrustedJobError",
+    "WarmKeys",
+    "bound_job_class",
+    "warm_field",
+]
