@@ -171,7 +171,7 @@ class Settings(BaseSettings):
         default=5.0, gt=0, description="How often the API reaps dead jobs and expired data."
     )
     warm_routing: bool = Field(
-        default=True,
+        default=False,
         description="Send a job for a site to a worker that holds the site's weights warm "
         "(each worker also listens on a queue of its own); off: every job goes to the shared "
         "queue. API and workers may differ: a job is only routed to a worker that says so.",

@@ -45,6 +45,7 @@ def cluster_env(home: Path, redis_url: str, **extra: str) -> dict[str, str]:
         SITEFIT_JOB_RETRIES="1",
         SITEFIT_WORKER_HEARTBEAT_S="2",  # a dead worker: its jobs run again after 6 s
         SITEFIT_MAINTENANCE_INTERVAL_S="0.2",
+        SITEFIT_WARM_ROUTING="true",
         SITEFIT_WARM_ROUTING_WAIT_S=str(WARM_WAIT_S),
         **extra,
     )  # fmt: skip

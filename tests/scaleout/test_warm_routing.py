@@ -47,8 +47,9 @@ def _url(connection: redis.Redis) -> str:
 
 
 def _api(tmp_path: Path, connection: redis.Redis, queue: str, **overrides: Any) -> RedisQueue:
+    values: dict[str, Any] = {"warm_routing": True, **overrides}
     settings = service_settings(tmp_path, redis_url=_url(connection), queue_name=queue,
-                                **overrides)  # fmt: skip
+                                **values)  # fmt: skip
     return RedisQueue(settings, JobStore.from_settings(settings))
 
 
